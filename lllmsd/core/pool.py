@@ -126,7 +126,7 @@ class ModelPool:
         """Stop taking requests, let running ones finish for up to ``grace`` seconds, dispose everything."""
         self._closing = True
         self._fail_waiters(ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests"))
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._until_not_busy(), grace)
         for task in list(self._background):
             task.cancel()

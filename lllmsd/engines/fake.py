@@ -99,10 +99,8 @@ class FakeEngine:
     # ------------------------------------------------------------------------------------ generation
 
     def preload(self, preload: Preload) -> int:
-        if preload.messages:
-            tokens = chat_prompt_tokens(preload.messages)[:-1]  # no assistant turn opened yet
-        else:
-            tokens = _words(preload.prefix)
+        # a preloaded conversation has no assistant turn opened yet: drop the trailing "<assistant>"
+        tokens = chat_prompt_tokens(preload.messages)[:-1] if preload.messages else _words(preload.prefix)
         self.cached = tokens
         return len(tokens)
 
@@ -113,7 +111,8 @@ class FakeEngine:
         tool = self._tool_to_call(task, last_user or "")
         if tool is not None:
             return self._tool_call(prompt, tool, last_user or "", task.n)
-        return self._generate(prompt, answer, task.sampling, task.n, cancel, task.top_logprobs if task.logprobs else None)
+        top_logprobs = task.top_logprobs if task.logprobs else None
+        return self._generate(prompt, answer, task.sampling, task.n, cancel, top_logprobs)
 
     def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
         prompt = _words(task.prompt)
@@ -148,7 +147,7 @@ class FakeEngine:
             yield ToolCallDelta(0, arguments[:half], id=call_id, name=tool, choice=choice)
             yield ToolCallDelta(0, arguments[half:], choice=choice)
             yield ChoiceEnd("tool_calls", choice=choice)
-        self.cached = prompt + [f"<call:{tool}>", *_words(arguments)]
+        self.cached = [*prompt, f"<call:{tool}>", *_words(arguments)]
         yield Usage(len(prompt), 2 * n, cached)
 
     def _check_context(self, prompt: list[str], max_tokens: int) -> None:
@@ -167,7 +166,7 @@ class FakeEngine:
         self,
         prompt: list[str],
         answer: list[str],
-        sampling,  # noqa: ANN001 - core.tasks.Sampling
+        sampling,
         n: int,
         cancel: threading.Event,
         top_logprobs: int | None,

@@ -1,0 +1,5 @@
+"""python -m lllmsd"""
+
+from lllmsd.cli import main
+
+main()

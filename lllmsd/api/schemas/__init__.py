@@ -1,0 +1,1 @@
+"""OpenAI wire models (pydantic), one module per API family, and their converters to core tasks."""

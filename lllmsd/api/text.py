@@ -1,0 +1,73 @@
+"""POST /v1/chat/completions and /v1/completions: thin handlers over the pool and the wire schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from lllmsd.api.keys import RUNTIME
+from lllmsd.api.middleware import read_json
+from lllmsd.api.schemas.text import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseHeader,
+    chat_chunks,
+    chat_response,
+    completion_chunks,
+    completion_response,
+    reject_unsupported_task,
+)
+from lllmsd.api.sse import stream_sse
+from lllmsd.core.runtime import Runtime
+from lllmsd.core.tasks import ChatTask, CompletionTask, ModelTask, collect_generation
+
+
+def _text_model(runtime: Runtime, model_id: str, wanted: str) -> tuple[Any, type]:
+    config = runtime.model_config(model_id)
+    if config.task is not ModelTask.TEXT_COMPLETION:
+        raise reject_unsupported_task(model_id, wanted, config.task.value)
+    return config, runtime.engine_class(model_id)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = ChatCompletionRequest.model_validate(await read_json(request))
+    request["model"] = body.model
+    runtime = request.app[RUNTIME]
+    config, engine_class = _text_model(runtime, body.model, "chat completions")
+    task = body.to_task(config)
+    engine_class.check_task(config, task)
+    return await _generate(request, runtime, body, task, config.engine)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = CompletionRequest.model_validate(await read_json(request))
+    request["model"] = body.model
+    runtime = request.app[RUNTIME]
+    config, engine_class = _text_model(runtime, body.model, "completions")
+    task = body.to_task(config)
+    engine_class.check_task(config, task)
+    return await _generate(request, runtime, body, task, config.engine)
+
+
+async def _generate(
+    request: web.Request,
+    runtime: Runtime,
+    body: ChatCompletionRequest | CompletionRequest,
+    task: ChatTask | CompletionTask,
+    engine: str,
+) -> web.StreamResponse:
+    is_chat = isinstance(task, ChatTask)
+    async with runtime.pool(body.model).acquire(task.context()) as instance:
+        header = ResponseHeader("chatcmpl" if is_chat else "cmpl", body.model, engine, instance.id)
+        events = instance.generate(task)
+        if body.stream:
+            if is_chat:
+                chunks = chat_chunks(header, events, task.n, task.logprobs, body.include_usage)
+            else:
+                chunks = completion_chunks(header, events, task.logprobs is not None, body.include_usage)
+            return await stream_sse(request, chunks)
+        result = collect_generation([event async for event in events], task.n)
+    if is_chat:
+        return web.json_response(chat_response(header, result, task.logprobs))
+    return web.json_response(completion_response(header, result, task.logprobs is not None))

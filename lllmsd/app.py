@@ -1,0 +1,62 @@
+"""create_app(config): the whole daemon as one aiohttp Application, with no module-level state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from aiohttp import web
+
+from lllmsd.api import models, status, text
+from lllmsd.api.keys import CONFIG, RUNTIME
+from lllmsd.api.middleware import error_middleware, request_context_middleware
+from lllmsd.config import DaemonConfig
+from lllmsd.core.clock import Clock
+from lllmsd.core.runtime import Runtime
+from lllmsd.core.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+API_PREFIXES = ("/v1", "/openai/v1")
+
+
+def create_app(
+    config: DaemonConfig,
+    *,
+    engines: Mapping[str, type] | None = None,
+    clock: Clock | None = None,
+    store: ModelStore | None = None,
+    base_dir: Path | None = None,
+    reap_interval: float | None = 1.0,
+) -> web.Application:
+    """Build the app. ``engines`` overrides engine classes by name (tests inject instrumented fakes);
+    ``base_dir`` is what relative model locations are relative to (the config file's folder)."""
+    app = web.Application(
+        client_max_size=config.max_body_size,
+        middlewares=[request_context_middleware, error_middleware],
+    )
+    app[CONFIG] = config
+    runtime = Runtime(
+        config, engine_classes=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval
+    )
+    app[RUNTIME] = runtime
+
+    async def runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await runtime.start()
+        yield
+        await runtime.stop()
+
+    app.cleanup_ctx.append(runtime_lifecycle)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    app.router.add_get("/", status.status)
+    app.router.add_get("/health", status.health)
+    for prefix in API_PREFIXES:
+        app.router.add_get(f"{prefix}/models", models.list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)
+        app.router.add_post(f"{prefix}/chat/completions", text.chat_completions)
+        app.router.add_post(f"{prefix}/completions", text.completions)

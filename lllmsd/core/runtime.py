@@ -1,0 +1,134 @@
+"""Runtime: everything one daemon runs, built from one config. No globals: tests build one per config.
+
+It owns the store, one ModelPool per model, the global concurrency limiter shared by all pools, and the
+background reaper. The HTTP layer reaches models only through ``runtime.pool(model_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lllmsd.config import DaemonConfig
+from lllmsd.core.clock import Clock, SystemClock
+from lllmsd.core.pool import ModelPool
+from lllmsd.core.store import ModelStore
+from lllmsd.core.tasks import ModelTask
+from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.registry import ENGINES
+from lllmsd.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL = 1.0
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        engine_classes: Mapping[str, type] | None = None,
+        clock: Clock | None = None,
+        store: ModelStore | None = None,
+        base_dir: Path | None = None,
+        reap_interval: float | None = REAP_INTERVAL,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.store = store or ModelStore(config.cache_dir, base_dir=base_dir)
+        self._engine_overrides = dict(engine_classes or {})
+        self._reap_interval = reap_interval
+        self.limiter = asyncio.Semaphore(config.concurrency)
+        self.pools: dict[str, ModelPool] = {}
+        self.engine_classes: dict[str, type] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.started_at = self.clock.wall()
+
+    async def start(self) -> None:
+        for model_id, model in self.config.models.items():
+            engine_class = self._engine_overrides.get(model.engine)
+            if engine_class is None:
+                # importing an engine module pulls in its library (torch, llama_cpp): not on the event loop
+                engine_class = await asyncio.to_thread(ENGINES[model.engine].load_class)
+            self.engine_classes[model_id] = engine_class
+            self.pools[model_id] = self._make_pool(model_id, model, engine_class)
+        for pool in self.pools.values():
+            pool.start()
+        if self._reap_interval:
+            self._reaper = asyncio.create_task(self._reap_forever(self._reap_interval))
+
+    def _make_pool(self, model_id: str, model: Any, engine_class: type) -> ModelPool:
+        async def files() -> ModelFiles:
+            return await self.store.files(model_id, model)
+
+        preload = model.preload.to_preload() if model.preload is not None else None
+        return ModelPool(
+            model_id, model, engine_class, files=files, limiter=self.limiter, clock=self.clock, preload=preload
+        )
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in self.pools.values()))
+
+    def reap(self) -> None:
+        for pool in self.pools.values():
+            pool.reap()
+
+    async def _reap_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.reap()
+            except Exception:  # the reaper must outlive any one bad step
+                log.exception("reaper step failed")
+
+    # ------------------------------------------------------------------------------------------ access
+
+    def pool(self, model_id: str, task: ModelTask | None = None) -> ModelPool:
+        pool = self.pools.get(model_id)
+        if pool is None:
+            raise ModelNotFound(model_id)
+        return pool
+
+    def model_config(self, model_id: str) -> Any:
+        return self.pool(model_id).config
+
+    def engine_class(self, model_id: str) -> type:
+        self.pool(model_id)
+        return self.engine_classes[model_id]
+
+    def status(self) -> dict[str, Any]:
+        models = {}
+        for model_id, pool in self.pools.items():
+            model = pool.config
+            models[model_id] = {
+                "engine": model.engine,
+                "task": model.task.value,
+                "state": _model_state(pool),
+                **pool.status(),
+            }
+        return {
+            "uptime_seconds": round(self.clock.wall() - self.started_at, 3),
+            "concurrency": {"limit": self.config.concurrency, "in_use": self.config.concurrency - self.limiter._value},
+            "models": models,
+            "downloads": self.store.status(),
+        }
+
+
+def _model_state(pool: ModelPool) -> str:
+    states = {i.state.value for i in pool.instances}
+    if "busy" in states:
+        return "busy"
+    if "idle" in states:
+        return "ready"
+    if "loading" in states:
+        return "loading"
+    return "error" if pool.status()["last_error"] else "unloaded"

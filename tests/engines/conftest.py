@@ -1,0 +1,44 @@
+"""Real engines on real small models, driven through the engine-neutral core (ModelInstance).
+
+Engines are loaded once per test module through ``load_instance``. Model configs per engine live in
+``TEXT_MODELS`` / ``EMBEDDING_MODELS`` / ``TRANSCRIPTION_MODELS``: the shared contract suites are
+parametrized over them, so adding an engine to a contract is one entry here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lllmsd.config import parse_config
+from lllmsd.core.clock import SystemClock
+from lllmsd.core.instance import ModelInstance
+from lllmsd.core.store import ModelStore
+from lllmsd.engines.registry import ENGINES
+from tests.setup_models import model_path
+
+pytestmark = pytest.mark.engines
+
+
+def model_config(model: dict[str, Any]) -> Any:
+    return parse_config({"models": {"m": model}}).models["m"]
+
+
+async def load_instance(model: dict[str, Any]) -> ModelInstance:
+    """Load one instance of a model config (a dict as in the YAML) the way the pool does."""
+    config = model_config(model)
+    engine_class = await asyncio.to_thread(ENGINES[config.engine].load_class)
+    files = await ModelStore(cache_dir=model_path("smollm2").parent).files("m", config)
+    instance = ModelInstance("m", config, engine_class, SystemClock(), instance_id="m-1")
+    preload = config.preload.to_preload() if config.preload else None
+    await instance.load(files, preload)
+    return instance
+
+
+# Engine name -> a function giving the model dict (as in YAML) the text contract suite runs on.
+TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
+    "fake": lambda: {"task": "text-completion", "engine": "fake"},
+}
