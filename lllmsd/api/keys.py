@@ -9,3 +9,7 @@ from lllmsd.core.runtime import Runtime
 
 CONFIG = web.AppKey("config", DaemonConfig)
 RUNTIME = web.AppKey("runtime", Runtime)
+
+# per-request values the middlewares and handlers share
+REQUEST_ID = web.RequestKey("request_id", str)
+MODEL = web.RequestKey("model", str)

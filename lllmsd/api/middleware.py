@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from lllmsd.api.keys import CONFIG
+from lllmsd.api.keys import CONFIG, MODEL, REQUEST_ID
 from lllmsd.api.schemas.common import error_body
 from lllmsd.errors import LllmsdError
 
@@ -80,7 +80,7 @@ def validation_error_response(exc: ValidationError) -> web.Response:
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     status = 500
     try:
@@ -95,7 +95,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     finally:
         log.info(
             "%s %s model=%s status=%d duration=%.3fs request_id=%s",
-            request.method, request.path, request.get("model", "-"), status,
+            request.method, request.path, request.get(MODEL, "-"), status,
             time.perf_counter() - started, request_id,
         )
 
@@ -118,7 +118,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        request_id = request.get("request_id", "-")
+        request_id = request.get(REQUEST_ID, "-")
         errors_log.exception("unexpected error serving %s %s (request id %s)", request.method, request.path, request_id)
         return error_response(
             500, f"internal server error (request id {request_id}); the daemon logged the details",

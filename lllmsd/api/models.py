@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lllmsd.api.keys import RUNTIME
+from lllmsd.api.keys import MODEL, RUNTIME
 from lllmsd.core.runtime import Runtime
 
 
@@ -22,5 +22,5 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
-    request["model"] = model_id
+    request[MODEL] = model_id
     return web.json_response(_model_object(request.app[RUNTIME], model_id))

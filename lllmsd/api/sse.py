@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lllmsd.api.keys import REQUEST_ID
 from lllmsd.api.schemas.common import error_body
 from lllmsd.errors import LllmsdError
 
@@ -74,7 +75,7 @@ async def stream_sse(
                 "Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
-                "X-Request-Id": request.get("request_id", ""),
+                "X-Request-Id": request.get(REQUEST_ID, ""),
             }
         )
         await response.prepare(request)
@@ -82,8 +83,8 @@ async def stream_sse(
         while item is not _END:
             if isinstance(item, BaseException):
                 if not isinstance(item, LllmsdError):
-                    log.error("stream failed (request id %s)", request.get("request_id"), exc_info=item)
-                await response.write(encode_event(error_event(item, request.get("request_id", "-"))))
+                    log.error("stream failed (request id %s)", request.get(REQUEST_ID), exc_info=item)
+                await response.write(encode_event(error_event(item, request.get(REQUEST_ID, "-"))))
                 return response
             await response.write(encode_event(item))
             item = await _next_or_ping(queue, response, ping_interval)

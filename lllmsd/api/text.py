@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aiohttp import web
 
-from lllmsd.api.keys import RUNTIME
+from lllmsd.api.keys import MODEL, RUNTIME
 from lllmsd.api.middleware import read_json
 from lllmsd.api.schemas.text import (
     ChatCompletionRequest,
@@ -32,7 +33,7 @@ def _text_model(runtime: Runtime, model_id: str, wanted: str) -> tuple[Any, type
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = ChatCompletionRequest.model_validate(await read_json(request))
-    request["model"] = body.model
+    request[MODEL] = body.model
     runtime = request.app[RUNTIME]
     config, engine_class = _text_model(runtime, body.model, "chat completions")
     task = body.to_task(config)
@@ -42,7 +43,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = CompletionRequest.model_validate(await read_json(request))
-    request["model"] = body.model
+    request[MODEL] = body.model
     runtime = request.app[RUNTIME]
     config, engine_class = _text_model(runtime, body.model, "completions")
     task = body.to_task(config)
@@ -60,14 +61,16 @@ async def _generate(
     is_chat = isinstance(task, ChatTask)
     async with runtime.pool(body.model).acquire(task.context()) as instance:
         header = ResponseHeader("chatcmpl" if is_chat else "cmpl", body.model, engine, instance.id)
-        events = instance.generate(task)
-        if body.stream:
-            if is_chat:
-                chunks = chat_chunks(header, events, task.n, task.logprobs, body.include_usage)
-            else:
-                chunks = completion_chunks(header, events, task.logprobs is not None, body.include_usage)
-            return await stream_sse(request, chunks)
-        result = collect_generation([event async for event in events], task.n)
+        # Closing the events when this block ends, whatever ends it, stops the engine (within one
+        # token) before the instance goes back to the pool.
+        async with contextlib.aclosing(instance.generate(task)) as events:
+            if body.stream:
+                if is_chat:
+                    chunks = chat_chunks(header, events, task.n, task.logprobs, body.include_usage)
+                else:
+                    chunks = completion_chunks(header, events, task.logprobs is not None, body.include_usage)
+                return await stream_sse(request, chunks)
+            result = collect_generation([event async for event in events], task.n)
     if is_chat:
         return web.json_response(chat_response(header, result, task.logprobs))
     return web.json_response(completion_response(header, result, task.logprobs is not None))

@@ -410,9 +410,12 @@ async def chat_chunks(
         choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {**base, "choices": [choice], **extra}
 
+    # The engine's first event comes before the role chunks: an error it raises at once (context too
+    # long) must reach the client before any chunk does, so it can still be an HTTP status.
+    first = await anext(events, None)
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
-    async for event in events:
+    async for event in _prepend(first, events):
         if isinstance(event, TextDelta):
             if event.text or event.logprobs:
                 lps = _chat_logprobs(event.logprobs) if logprobs else None
@@ -430,6 +433,15 @@ async def chat_chunks(
             yield chunk(event.choice, {}, event.finish_reason)
         elif isinstance(event, Usage) and include_usage:
             yield {**base, "choices": [], "usage": usage_body(event)}
+
+
+async def _prepend(
+    first: GenerationEvent | None, rest: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[GenerationEvent]:
+    if first is not None:
+        yield first
+    async for event in rest:
+        yield event
 
 
 async def completion_chunks(
