@@ -112,7 +112,8 @@ async def test_tool_calls_non_stream_and_stream(openai_client: openai.AsyncOpenA
         stream=True,
     )
     deltas = [c.choices[0].delta.tool_calls[0] async for c in stream if c.choices and c.choices[0].delta.tool_calls]
-    assert deltas[0].id and deltas[0].function.name == "lookup" and deltas[0].index == 0
+    assert deltas[0].id
+    assert (deltas[0].function.name, deltas[0].index) == ("lookup", 0)
     assert all(d.id is None and d.function.name is None for d in deltas[1:])
     assert json.loads("".join(d.function.arguments for d in deltas)) == {"text": "the quick brown fox"}
 
@@ -280,9 +281,13 @@ async def test_mid_stream_failure_is_an_error_event(start_app: AppFactory) -> No
     async with sdk(client) as api:
         stream = await api.chat.completions.create(model="chat", messages=USER, stream=True)
         received: list[str] = []
-        with pytest.raises(openai.APIError) as error:
+
+        async def consume() -> None:
             async for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "")
+
+        with pytest.raises(openai.APIError) as error:
+            await consume()
     assert "".join(received) == "the quick"
     assert "engine failed" in error.value.message
 

@@ -35,6 +35,9 @@ models:
 """
 
 
+FAKE = {"task": "text-completion", "engine": "fake"}
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "models.yaml"
     path.write_text(text)
@@ -118,7 +121,9 @@ def test_the_example_config_checks() -> None:
             "models.chat: needs a source: url, repo (+ file or allow_patterns) or location",
             id="missing-source",
         ),
-        pytest.param("listen: {port: -1}", "listen.port: Input should be greater than or equal to 1", id="negative-port"),
+        pytest.param(
+            "listen: {port: -1}", "listen.port: Input should be greater than or equal to 1", id="negative-port"
+        ),
         pytest.param("models: {chat: {task: [", "invalid YAML at line 1", id="bad-yaml"),
         pytest.param(
             "models: {chat: {task: text-completion, engine: nope}}",
@@ -182,7 +187,7 @@ def test_a_missing_engine_extra_names_the_pip_command(monkeypatch: pytest.Monkey
 def test_token_comes_from_the_environment_and_stays_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_HF_TOKEN", "hf_secret")
     config = parse_config(
-        {"models": {"m": {"task": "text-completion", "engine": "fake", "repo": "a/b", "file": "f", "token": "${MY_HF_TOKEN}"}}}
+        {"models": {"m": {**FAKE, "repo": "a/b", "file": "f", "token": "${MY_HF_TOKEN}"}}}
     )
     token = config.models["m"].token
     assert token is not None
