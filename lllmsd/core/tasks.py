@@ -332,6 +332,7 @@ class TranscriptSegment:
     compression_ratio: float | None = None
     temperature: float | None = None
     tokens: tuple[int, ...] = ()
+    seek: int = 0  # offset of the decoding window, in 10 ms mel frames (OpenAI's verbose_json `seek`)
 
 
 @dataclass(frozen=True, slots=True)
