@@ -92,12 +92,12 @@ class Daemon:
         config = {"listen": {"port": self.port}, "concurrency": concurrency, "models": models}
         self.config_path = Path(self.dir.name) / "bench.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> str:
         lllmsd = Path(sys.executable).parent / "lllmsd"
-        self.process = subprocess.Popen(
-            [str(lllmsd), "serve", "-c", str(self.config_path), "--log-level", "warning"],
+        self.process = await asyncio.create_subprocess_exec(
+            str(lllmsd), "serve", "-c", str(self.config_path), "--log-level", "warning",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
         )
         url = f"http://127.0.0.1:{self.port}"
@@ -114,7 +114,7 @@ class Daemon:
     async def __aexit__(self, *exc: object) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(30)
+            await asyncio.wait_for(self.process.wait(), 30)
         self.dir.cleanup()
 
 
@@ -128,16 +128,16 @@ async def timed(n: int, call: Callable[[], Awaitable[None]]) -> list[float]:
 
 
 async def bench_http(n: int) -> list[float]:
-    async with Daemon({"chat": {"task": "text-completion", "engine": "fake"}}) as url:
-        async with aiohttp.ClientSession() as session:
+    models = {"chat": {"task": "text-completion", "engine": "fake"}}
+    async with Daemon(models) as url, aiohttp.ClientSession() as session:
 
-            async def call() -> None:
-                async with session.post(f"{url}/v1/chat/completions", json=BODY) as response:
-                    await response.read()
-                    assert response.status == 200, response.status
+        async def call() -> None:
+            async with session.post(f"{url}/v1/chat/completions", json=BODY) as response:
+                await response.read()
+                assert response.status == 200, response.status
 
-            await timed(50, call)  # warm up
-            return await timed(n, call)
+        await timed(50, call)  # warm up
+        return await timed(n, call)
 
 
 async def burst(total: int, concurrency: int) -> tuple[int, int, float]:
