@@ -73,6 +73,14 @@ def config_check(config_path: Path) -> None:
     click.echo(f"{config_path}: ok ({len(loaded.models)} models: {', '.join(loaded.models) or 'none'})")
 
 
+@config.command("reference")
+def config_reference_command() -> None:
+    """Print the config reference (every option, its type, default and meaning) in Markdown."""
+    from lllmsd.config_reference import config_reference
+
+    click.echo(config_reference(), nl=False)
+
+
 @config.command("schema")
 def config_schema() -> None:
     """Print the config file's JSON Schema."""
