@@ -41,4 +41,5 @@ async def load_instance(model: dict[str, Any]) -> ModelInstance:
 # Engine name -> a function giving the model dict (as in YAML) the text contract suite runs on.
 TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
     "fake": lambda: {"task": "text-completion", "engine": "fake"},
+    "llama-cpp": lambda: {"task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2"))},
 }
