@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import models, status, text
+from lllmsd.api import embeddings, models, status, text
 from lllmsd.api.keys import CONFIG, RUNTIME
 from lllmsd.api.middleware import error_middleware, request_context_middleware
 from lllmsd.config import DaemonConfig
@@ -60,3 +60,4 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)
         app.router.add_post(f"{prefix}/chat/completions", text.chat_completions)
         app.router.add_post(f"{prefix}/completions", text.completions)
+        app.router.add_post(f"{prefix}/embeddings", embeddings.embeddings)

@@ -162,6 +162,23 @@ class ModelBase(_Section):
         default_factory=CompletionDefaults, description="Values used when a request leaves them out."
     )
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="CPU resources per instance.")
+    # -- embedding models: dynamic batching of concurrent requests (see docs/embeddings.md)
+    batch_window_ms: float = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="Embedding models: milliseconds an idle model waits for more requests to batch with the "
+        "first one (requests arriving while the engine is busy are batched anyway).",
+    )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Embedding models: inputs merged into one engine call at most; 1 disables batching. "
+        "A larger single request still runs whole.",
+    )
+    max_inputs: int = Field(
+        2048, ge=1, description="Embedding models: inputs one request may carry at most (OpenAI's limit is 2048)."
+    )
 
     @field_validator("token", mode="before")
     @classmethod
@@ -204,12 +221,16 @@ class ModelBase(_Section):
                 found.append(("preload", "only text-completion models can preload"))
             elif bool(self.preload.messages) == (self.preload.prefix is not None):
                 found.append(("preload", "give either messages or prefix"))
+        if self.task is not ModelTask.EMBEDDING:
+            for name in sorted(self.model_fields_set & _EMBEDDING_ONLY):
+                found.append((name, "only embedding models batch requests"))
         return found
 
     def needs_source(self) -> bool:
         return True
 
 
+_EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs"})
 _HF_URL = re.compile(r"^https?://[^/]+/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<revision>[^/]+)/(?P<file>.+)$")
 
 

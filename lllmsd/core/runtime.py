@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lllmsd.config import DaemonConfig
+from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import Clock, SystemClock
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
@@ -45,6 +46,8 @@ class Runtime:
         self._reap_interval = reap_interval
         self.limiter = asyncio.Semaphore(config.concurrency)
         self.pools: dict[str, ModelPool] = {}
+        # embedding models' batchers, made on first use; keyed by pool so a reloaded model gets a new one
+        self._batchers: dict[ModelPool, EmbeddingBatcher] = {}
         self.engine_classes: dict[str, type] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.started_at = self.clock.wall()
@@ -77,6 +80,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in self.pools.values()))
+        # after the pools: their running batches had the grace period; whatever still waits is failed
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))
 
     def reap(self) -> None:
         for pool in self.pools.values():
@@ -97,6 +102,22 @@ class Runtime:
         if pool is None:
             raise ModelNotFound(model_id)
         return pool
+
+    def batcher(self, model_id: str) -> EmbeddingBatcher:
+        """The batching front of an embedding model's pool: handlers embed through it, never the pool."""
+        pool = self.pool(model_id)
+        batcher = self._batchers.get(pool)
+        if batcher is None:
+            config = pool.config
+            batcher = EmbeddingBatcher(
+                model_id,
+                pool,
+                window=config.batch_window_ms / 1000,
+                max_batch_size=config.max_batch_size,
+                max_waiting=config.max_waiting,
+            )
+            self._batchers[pool] = batcher
+        return batcher
 
     def model_config(self, model_id: str) -> Any:
         return self.pool(model_id).config
