@@ -155,6 +155,9 @@ def format_from_config(
             f"({', '.join(f.name for _, f in KNOWN_FORMATS)}); set `prompt_template` (the user turn, with {{0}} "
             "for the message and {1} for the reply) and `system_template` (with {0}) in the model's config"
         )
+    if prompt_template is None and system_template is None:
+        assert derived is not None
+        return derived
     if prompt_template is None:
         assert derived is not None
         user_prefix, user_suffix, assistant_suffix = derived.user_prefix, derived.user_suffix, derived.assistant_suffix
@@ -170,7 +173,7 @@ def format_from_config(
     else:  # like gpt4all's own system_prompt: raw text before the first turn
         system_prefix, system_suffix = "", "\n\n"
     return ChatFormat(
-        name=derived.name if derived is not None and prompt_template is system_template is None else "config",
+        name="config",
         system_prefix=system_prefix,
         system_suffix=system_suffix,
         user_prefix=user_prefix,
@@ -452,6 +455,8 @@ class Gpt4AllEngine:
         def target() -> None:
             try:
                 work(events.put, should_stop)
+            except _Cancelled:  # the consumer left during prompt evaluation: a quiet end, not an error
+                events.put(_END)
             except BaseException as exc:
                 events.put(_Failed(exc))
             else:
