@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from lllmsd.core.download_source import SourceError, source_of
 from lllmsd.core.tasks import ChatMessage, ModelTask, Preload, Sampling
 from lllmsd.engines.registry import ENGINES
 
@@ -209,8 +210,8 @@ class ModelBase(_Section):
             found.append(("allow_patterns", "goes with repo"))
         if self.repo is not None and self.file is not None and self.allow_patterns is not None:
             found.append(("allow_patterns", "give file or allow_patterns, not both"))
-        if self.url is not None and not _HF_URL.match(self.url):
-            found.append(("url", "must look like https://huggingface.co/ORG/REPO/resolve/REVISION/PATH"))
+        if len(sources) == 1:
+            found += _source_problems(self)
         engine = self.engine  # type: ignore[attr-defined]
         spec = ENGINES[engine]
         if self.task not in spec.tasks:
@@ -231,7 +232,22 @@ class ModelBase(_Section):
 
 
 _EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs"})
-_HF_URL = re.compile(r"^https?://[^/]+/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<revision>[^/]+)/(?P<file>.+)$")
+
+
+def _source_problems(model: ModelBase) -> list[tuple[str, str]]:
+    """Names that could escape the cache (``..``, absolute paths) or are not Hub names; sha256 on a folder."""
+    try:
+        source = source_of(model)
+    except SourceError as exc:
+        return [(exc.field, exc.message)]
+    if model.sha256 is not None and source.kind == "folder":
+        return [("sha256", "checks one file: use it with url, repo + file, or a location file")]
+    if model.token is not None and _UNSET_VAR.fullmatch(model.token.get_secret_value()):
+        return [("token", f"environment variable {model.token.get_secret_value()} is not set")]
+    return []
+
+
+_UNSET_VAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")  # what os.path.expandvars leaves of an unset variable
 
 
 class FakeModelConfig(ModelBase):
