@@ -284,11 +284,23 @@ class Gpt4AllModelConfig(ModelBase):
 
     engine: Literal["gpt4all"] = Field(description="Engine that runs the model.")
     prompt_template: str | None = Field(
-        None, description="User turn template with {0} for the message; null = derived from the GGUF."
+        None,
+        description=(
+            "User turn template with {0} for the message and {1} for the assistant's reply (what follows {1} "
+            "ends the reply), e.g. '<|im_start|>user\\n{0}<|im_end|>\\n<|im_start|>assistant\\n{1}<|im_end|>\\n'; "
+            "null = derived from the GGUF's chat template (ChatML, Llama 3)."
+        ),
     )
     system_template: str | None = Field(
         None, description="System turn template with {0} for the system prompt; null = derived from the GGUF."
     )
+
+    @field_validator("prompt_template", "system_template", mode="after")
+    @classmethod
+    def _template_has_message(cls, value: str | None) -> str | None:
+        if value is not None and "{0}" not in value:
+            raise ValueError("must contain {0} where the message goes")
+        return value
 
 
 class SentenceTransformersModelConfig(ModelBase):
