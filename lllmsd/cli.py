@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,10 +30,10 @@ def configure_logging(level: str) -> None:
     )
 
 
-def load_or_exit(path: Path) -> DaemonConfig:
+def load_or_exit(path: Path, *, check_installed: bool = True) -> DaemonConfig:
     """The config, or every problem printed with its path and exit code 2 (no traceback)."""
     try:
-        return load_config(path)
+        return load_config(path, check_installed=check_installed)
     except ConfigError as exc:
         click.echo(f"{path}: invalid config:", err=True)
         for line in exc.lines():
@@ -85,6 +86,105 @@ def config_reference_command() -> None:
 def config_schema() -> None:
     """Print the config file's JSON Schema."""
     click.echo(json.dumps(config_json_schema(), indent=2))
+
+
+# ------------------------------------------------------------------------------ the model store
+
+
+def _store_and_models(config_path: Path, names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """The config's store and the models named (all if none); unknown names are a usage error (exit 2).
+    Engines need not be installed: fetching weights does not run them."""
+    from lllmsd.core.store import ModelStore
+
+    loaded = load_or_exit(config_path, check_installed=False)
+    unknown = [n for n in names if n not in loaded.models]
+    if unknown:
+        raise click.UsageError(f"not in {config_path}: {', '.join(unknown)} (it has: {', '.join(loaded.models)})")
+    models = {n: loaded.models[n] for n in (names or tuple(loaded.models))}
+    return ModelStore(loaded.cache_dir, base_dir=config_path.resolve().parent), models
+
+
+def _progress_bar(file: str, total: int | None, initial: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(desc=file, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, leave=True)
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("models", nargs=-1)
+def pull(config_path: Path, models: tuple[str, ...]) -> None:
+    """Download models' weights ahead of time (all models if none are named), a progress bar per file."""
+    from lllmsd.errors import ModelUnavailable
+
+    store, selected = _store_and_models(config_path, models)
+    failed = 0
+    for model_id, model in selected.items():
+        try:
+            path = store.pull(model_id, model, display=_progress_bar)
+        except ModelUnavailable as exc:
+            click.echo(f"{model_id}: failed: {exc.message}", err=True)
+            failed += 1
+            continue
+        click.echo(f"{model_id}: {'no weights needed' if path is None else path}")
+    sys.exit(1 if failed else 0)
+
+
+@main.command("ls")
+@CONFIG_OPTION
+def list_models(config_path: Path) -> None:
+    """List the config's models: source, cache state and size on disk. Makes no network request."""
+    store, selected = _store_and_models(config_path, ())
+    rows = [("MODEL", "ENGINE", "SOURCE", "STATE", "SIZE")]
+    for model_id, model in selected.items():
+        state = store.cache_state(model_id, model)
+        source = source_label(model)
+        rows.append((model_id, model.engine, source, state.state, _size(state.size)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def source_label(model: Any) -> str:
+    from lllmsd.core.download_source import SourceError, source_of
+
+    try:
+        return source_of(model).describe()
+    except SourceError as exc:  # cannot happen for a loaded config; said rather than raised
+        return f"invalid ({exc})"
+
+
+@main.command("rm")
+@CONFIG_OPTION
+@click.argument("models", nargs=-1, required=True)
+def remove(config_path: Path, models: tuple[str, ...]) -> None:
+    """Delete models' downloaded files from the cache. A `location:` is never touched."""
+    store, selected = _store_and_models(config_path, models)
+    failed = 0
+    for model_id, model in selected.items():
+        if model.location is not None:
+            click.echo(f"{model_id}: uses location {model.location}; lllmsd never deletes local files", err=True)
+            failed += 1
+            continue
+        try:
+            freed = store.remove(model_id, model)
+        except OSError as exc:
+            click.echo(f"{model_id}: failed: {exc}", err=True)
+            failed += 1
+            continue
+        click.echo(f"{model_id}: {'removed, ' + _size(freed) + ' freed' if freed else 'nothing cached'}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

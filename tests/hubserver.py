@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,6 +191,11 @@ async def start_hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> tup
     hub = FakeHub()
     server = await aiohttp_server(hub.app())
     return hub, str(server.make_url("")).rstrip("/")
+
+
+def files_under(root: Path, pattern: str = "*", *, size: int | None = None) -> list[Path]:
+    """Files (links included) under ``root`` matching ``pattern``, optionally of one size."""
+    return [p for p in root.rglob(pattern) if size is None or (p.is_file() and p.stat().st_size == size)]
 
 
 def payload(size: int, seed: str = "lllmsd") -> bytes:

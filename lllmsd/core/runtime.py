@@ -41,7 +41,7 @@ class Runtime:
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
-        self.store = store or ModelStore(config.cache_dir, base_dir=base_dir)
+        self.store = store or ModelStore(config.cache_dir, base_dir=base_dir, clock=self.clock)
         self._engine_overrides = dict(engine_classes or {})
         self._reap_interval = reap_interval
         self.limiter = asyncio.Semaphore(config.concurrency)
@@ -60,10 +60,26 @@ class Runtime:
                 engine_class = await asyncio.to_thread(ENGINES[model.engine].load_class)
             self.engine_classes[model_id] = engine_class
             self.pools[model_id] = self._make_pool(model_id, model, engine_class)
+        await self._prepare(self.config.models)
         for pool in self.pools.values():
             pool.start()
         if self._reap_interval:
             self._reaper = asyncio.create_task(self._reap_forever(self._reap_interval))
+
+    async def _prepare(self, models: Mapping[str, Any]) -> None:
+        """Start the models' downloads as their ``prepare`` says: ``blocking`` ones are awaited here (start()
+        runs before the server listens), ``async`` ones go on in the background, ``on-demand`` ones wait
+        for their first request. A failed blocking download is logged; that model's requests retry it."""
+        blocking = {m: cfg for m, cfg in models.items() if cfg.prepare == "blocking"}
+        for model_id, cfg in models.items():
+            if cfg.prepare == "async":
+                self.store.prefetch(model_id, cfg)
+        results = await asyncio.gather(
+            *(self.store.files(m, cfg) for m, cfg in blocking.items()), return_exceptions=True
+        )
+        for model_id, result in zip(blocking, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("%s: not ready at start-up: %s", model_id, getattr(result, "message", result))
 
     def _make_pool(self, model_id: str, model: Any, engine_class: type) -> ModelPool:
         async def files() -> ModelFiles:
@@ -82,6 +98,7 @@ class Runtime:
         await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in self.pools.values()))
         # after the pools: their running batches had the grace period; whatever still waits is failed
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        await self.store.close()  # stops downloads nobody waits for any more
 
     def reap(self) -> None:
         for pool in self.pools.values():

@@ -4,6 +4,7 @@ resume, verification, failures and retries, folders, caches shared by two daemon
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from lllmsd.config import parse_config
 from lllmsd.core.store import ModelStore
 from lllmsd.errors import ModelUnavailable, ShuttingDown
 from tests.api.probe import eventually
-from tests.hubserver import FakeHub, payload, start_hub
+from tests.hubserver import FakeHub, files_under, payload, start_hub
 
 SIZE = 16 * 1024
 
@@ -93,7 +94,7 @@ async def test_a_download_cut_every_time_fails_every_waiter_and_the_next_call_re
         assert "org/m/m.gguf@main" in result.message
         assert "peer closed connection" in result.message
     assert store.status()[0]["state"] == "failed"
-    assert not list(tmp_path.rglob("*.incomplete"))  # nothing half-written is left behind
+    assert not files_under(tmp_path, "*.incomplete")  # nothing half-written is left behind
 
     weights.heal()
     files = await store.files("m", config)
@@ -110,12 +111,10 @@ async def test_a_corrupted_file_fails_its_sha256_check_and_is_deleted(hub: FakeH
 
     with pytest.raises(ModelUnavailable) as caught:
         await store.files("m", config)
-    import hashlib
-
     actual = hashlib.sha256(weights.served()).hexdigest()
     assert f"expected sha256 {weights.sha256}, got {actual}" in caught.value.message
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size == SIZE]  # blob gone
-    assert not list(tmp_path.rglob("m.gguf"))  # and its snapshot link
+    assert not files_under(tmp_path, size=SIZE)  # blob gone
+    assert not files_under(tmp_path, "m.gguf")  # and its snapshot link
 
     weights.heal()
     files = await store.files("m", config)
@@ -151,7 +150,7 @@ async def test_a_listed_file_that_would_leave_the_cache_is_refused(hub: FakeHub,
     hub.repos["org/st"].extra_listing.append("../../../escaped.txt")
     with pytest.raises(ModelUnavailable, match="refusing a file the Hub listed"):
         await store_for(hub, tmp_path / "cache").files("st", model(repo="org/st"))
-    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not files_under(tmp_path, "escaped.txt")
     assert not hub.gets("config.json")  # refused before anything was fetched
 
 
@@ -218,7 +217,7 @@ async def test_a_location_is_used_as_is_and_checked_without_being_deleted(tmp_pa
     weights.write_bytes(b"local weights")
     store = ModelStore(tmp_path / "cache", base_dir=tmp_path)
     assert (await store.files("m", model(location="w.gguf"))).path == weights
-    with pytest.raises(ModelUnavailable, match="expected sha256 0{64}"):
+    with pytest.raises(ModelUnavailable, match=r"expected sha256 0{64}"):
         await store.files("bad", model(location="w.gguf", sha256="0" * 64))
     assert weights.exists()
     assert store.remove("m", model(location="w.gguf")) == 0
@@ -240,4 +239,4 @@ async def test_close_stops_a_running_download(hub: FakeHub, tmp_path: Path) -> N
     with pytest.raises(ShuttingDown):
         await waiter
     assert store.status()[0]["state"] == "cancelled"
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size == SIZE]
+    assert not files_under(tmp_path, size=SIZE)
