@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,15 +52,59 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 @click.option("--host", help="Listen address (overrides listen.host).")
-@click.option("--port", type=click.IntRange(1, 65535), help="Listen port (overrides listen.port).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), help="Listen port (overrides listen.port; 0 = any free port, logged)."
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
-def serve(config_path: Path, host: str | None, port: int | None, log_level: str) -> None:
-    """Serve the models of a config file until SIGINT or SIGTERM."""
+@click.option(
+    "--pid-file", type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the daemon's pid here while it runs (for `lllmsd reload --pid-file`).",
+)
+def serve(config_path: Path, host: str | None, port: int | None, log_level: str, pid_file: Path | None) -> None:
+    """Serve the models of a config file until SIGINT or SIGTERM; SIGHUP re-reads the config."""
     from lllmsd.server import run_server
 
     configure_logging(log_level)
     config = load_or_exit(config_path)
-    run_server(config, config_path=config_path, host=host, port=port)
+    run_server(config, config_path=config_path, host=host, port=port, pid_file=pid_file)
+
+
+@main.command()
+@click.option("--pid", type=click.IntRange(1), help="The daemon's process id.")
+@click.option(
+    "--pid-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The file `lllmsd serve --pid-file` wrote.",
+)
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="Check this config file first and do not signal the daemon if it is invalid.",
+)
+def reload(pid: int | None, pid_file: Path | None, config_path: Path | None) -> None:
+    """Make a running daemon re-read its config file (sends it SIGHUP).
+
+    Added models appear, removed ones finish their requests and unload, changed ones are replaced
+    (the old instances unload once idle). A config the daemon cannot load is refused and logged, and
+    the old one keeps serving. Under systemd, use `systemctl reload lllmsd`.
+    """
+    if (pid is None) == (pid_file is None):
+        raise click.UsageError("give --pid or --pid-file")
+    if pid_file is not None:
+        text = pid_file.read_text(encoding="utf-8").strip()
+        if not text.isdigit():
+            raise click.UsageError(f"{pid_file} does not hold a process id")
+        pid = int(text)
+    if config_path is not None:
+        load_or_exit(config_path)
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        click.echo(f"no process {pid}: is the daemon running?", err=True)
+        sys.exit(1)
+    except PermissionError:
+        click.echo(f"not allowed to signal process {pid} (run as the daemon's user or root)", err=True)
+        sys.exit(1)
+    click.echo(f"sent SIGHUP to {pid}; the daemon logs what changed")
 
 
 @main.group()

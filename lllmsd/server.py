@@ -1,31 +1,135 @@
-"""Running the app: listening, signals and graceful shutdown."""
+"""Running the app: listening, signals, systemd notifications, reload and graceful shutdown.
+
+The server runs the app with AppRunner/TCPSite rather than ``web.run_app`` so it knows the moment the
+socket listens (READY=1 goes to systemd then, not before) and can handle SIGHUP itself.
+
+Signals: SIGINT/SIGTERM stop (STOPPING=1; aiohttp stops accepting connections, running requests get
+``shutdown_grace`` seconds, then every instance is disposed). SIGHUP re-reads the config file
+(RELOADING=1, then READY=1 with a STATUS line saying what changed or why the new file was refused).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 from pathlib import Path
 
 from aiohttp import web
 
+from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
-from lllmsd.config import DaemonConfig
+from lllmsd.config import ConfigError, DaemonConfig, load_config
+from lllmsd.core.runtime import ReloadResult, Runtime
+from lllmsd.notify import Notifier
 
 log = logging.getLogger(__name__)
 
 
-def run_server(config: DaemonConfig, *, config_path: Path, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM. On a signal aiohttp stops accepting connections, the runtime lets
-    running requests finish for ``shutdown_grace`` seconds, then every instance is disposed."""
-    app = create_app(config, base_dir=config_path.resolve().parent)
-    host = host or config.listen.host
-    port = port or config.listen.port
-    log.info("lllmsd serving %d models on http://%s:%d/v1", len(config.models), host, port)
-    web.run_app(
+def run_server(
+    config: DaemonConfig,
+    *,
+    config_path: Path,
+    host: str | None = None,
+    port: int | None = None,
+    pid_file: Path | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    if pid_file is not None:
+        pid_file.write_text(f"{os.getpid()}\n", encoding="utf-8")
+    try:
+        asyncio.run(serve(config, config_path=config_path.resolve(), host=host, port=port))
+    finally:
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
+
+
+async def serve(
+    config: DaemonConfig,
+    *,
+    config_path: Path,
+    host: str | None = None,
+    port: int | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM; ``config_path`` (absolute) is re-read on SIGHUP."""
+    notifier = notifier or Notifier()
+    app = create_app(config, base_dir=config_path.parent)
+    runtime = app[RUNTIME]
+    runner = web.AppRunner(
         app,
-        host=host,
-        port=port,
-        print=None,
         access_log=None,  # our middleware logs one line per request, with the model and request id
         handler_cancellation=True,  # a client that goes away cancels its request (and its generation)
         shutdown_timeout=config.shutdown_grace,
     )
+    await runner.setup()  # starts the runtime (min instances begin loading in the background)
+    stop = asyncio.Event()
+    try:
+        site = web.TCPSite(runner, host or config.listen.host, config.listen.port if port is None else port)
+        await site.start()
+        url = _url(runner)
+        log.info("lllmsd serving %d models on %s/v1 (pid %d)", len(config.models), url, os.getpid())
+        _install_signals(stop, runtime, config_path, notifier)
+        notifier.ready(f"serving {len(config.models)} models on {url}")
+        await stop.wait()
+        log.info("shutting down: running requests get %gs to finish", runtime.config.shutdown_grace)
+        notifier.stopping(f"stopping: running requests get {runtime.config.shutdown_grace:g}s to finish")
+    finally:
+        _remove_signals()
+        await runner.cleanup()
+
+
+def _url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _install_signals(stop: asyncio.Event, runtime: Runtime, config_path: Path, notifier: Notifier) -> None:
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[ReloadResult | None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload_from_file(runtime, config_path, notifier))
+        reloads.add(task)  # keep a reference until it finishes
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
+def _remove_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        loop.remove_signal_handler(sig)
+
+
+async def reload_from_file(runtime: Runtime, path: Path, notifier: Notifier | None = None) -> ReloadResult | None:
+    """Re-read ``path`` and apply it. A file that does not load is refused with every problem logged, and
+    the running config keeps serving; returns None then."""
+    notifier = notifier or Notifier({})
+    notifier.reloading()
+    log.info("reloading %s", path)
+    try:
+        # reading the file and importing engine libraries for the check: not on the event loop
+        config = await asyncio.to_thread(load_config, path)
+        result = await runtime.reload(config)
+    except ConfigError as exc:
+        log.error(
+            "reload refused, still serving the previous config: %s is invalid:\n  %s", path, "\n  ".join(exc.lines())
+        )
+        notifier.ready(f"reload refused ({len(exc.problems)} problems in {path}); serving the previous config")
+        return None
+    except Exception as exc:
+        log.exception("reload refused, still serving the previous config")
+        notifier.ready(f"reload refused ({type(exc).__name__}); serving the previous config")
+        return None
+    log.info("reloaded %s: %s", path, result.summary())
+    notifier.ready(f"reloaded: {result.summary()}; serving {len(runtime.pools)} models")
+    return result

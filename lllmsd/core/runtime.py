@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lllmsd.config import DaemonConfig
 from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import Clock, SystemClock
+from lllmsd.core.instance import InstanceState
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
 from lllmsd.core.tasks import ModelTask
@@ -26,6 +28,29 @@ from lllmsd.errors import ModelNotFound
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL = 1.0
+# Settings a running daemon cannot change (the socket, the shared limiter, the store, the app's body
+# limit): a reload keeps the running values and says a restart is needed.
+RESTART_ONLY = ("listen", "concurrency", "cache_dir", "max_body_size")
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    restart_needed: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        parts = [
+            f"{name} {', '.join(ids)}"
+            for name, ids in (("added", self.added), ("removed", self.removed), ("replaced", self.replaced))
+            if ids
+        ]
+        text = "; ".join(parts) or "no model changed"
+        if self.restart_needed:
+            text += f" ({', '.join(self.restart_needed)} changed: takes effect after a restart)"
+        return text
 
 
 class Runtime:
@@ -51,13 +76,14 @@ class Runtime:
         self.engine_classes: dict[str, type] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.started_at = self.clock.wall()
+        # pools of removed or replaced models, serving what they already hold until idle (see reload)
+        self.retiring: list[ModelPool] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         for model_id, model in self.config.models.items():
-            engine_class = self._engine_overrides.get(model.engine)
-            if engine_class is None:
-                # importing an engine module pulls in its library (torch, llama_cpp): not on the event loop
-                engine_class = await asyncio.to_thread(ENGINES[model.engine].load_class)
+            engine_class = await self._load_engine_class(model)
             self.engine_classes[model_id] = engine_class
             self.pools[model_id] = self._make_pool(model_id, model, engine_class)
         await self._prepare(self.config.models)
@@ -81,6 +107,13 @@ class Runtime:
             if isinstance(result, BaseException):
                 log.error("%s: not ready at start-up: %s", model_id, getattr(result, "message", result))
 
+    async def _load_engine_class(self, model: Any) -> type:
+        engine_class = self._engine_overrides.get(model.engine)
+        if engine_class is None:
+            # importing an engine module pulls in its library (torch, llama_cpp): not on the event loop
+            engine_class = await asyncio.to_thread(ENGINES[model.engine].load_class)
+        return engine_class
+
     def _make_pool(self, model_id: str, model: Any, engine_class: type) -> ModelPool:
         async def files() -> ModelFiles:
             return await self.store.files(model_id, model)
@@ -95,7 +128,9 @@ class Runtime:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in self.pools.values()))
+        pools = [*self.pools.values(), *self.retiring]
+        self.retiring = []
+        await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in pools), *self._closing)
         # after the pools: their running batches had the grace period; whatever still waits is failed
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
         await self.store.close()  # stops downloads nobody waits for any more
@@ -103,6 +138,55 @@ class Runtime:
     def reap(self) -> None:
         for pool in self.pools.values():
             pool.reap()
+        self._close_drained()
+
+    # ------------------------------------------------------------------------------------------ reload
+
+    async def reload(self, config: DaemonConfig) -> ReloadResult:
+        """Serve ``config`` from now on: added models get a pool; removed and changed ones leave the routing
+        table at once (new requests see 404 or the new settings) while their old pool finishes the
+        requests it runs or queues, and is disposed once idle. ``config`` must be valid already; if an
+        engine cannot be imported nothing changes."""
+        async with self._reload_lock:
+            old, new = self.config.models, config.models
+            added = tuple(m for m in new if m not in old)
+            removed = tuple(m for m in old if m not in new)
+            replaced = tuple(m for m in new if m in old and new[m] != old[m])
+            # every engine first: a failure here leaves the running config untouched
+            classes = {m: await self._load_engine_class(new[m]) for m in added + replaced}
+            restart = tuple(name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name))
+            self.config = config.model_copy(update={name: getattr(self.config, name) for name in RESTART_ONLY})
+            for model_id in removed + replaced:
+                self.retiring.append(self.pools.pop(model_id))
+                self.engine_classes.pop(model_id, None)
+            for model_id in added + replaced:
+                self.engine_classes[model_id] = classes[model_id]
+                self.pools[model_id] = self._make_pool(model_id, new[model_id], classes[model_id])
+                self.pools[model_id].start()
+            self.pools = {m: self.pools[m] for m in new}  # listed in the config's order
+            self._close_drained()
+            unchanged = tuple(m for m in new if m not in added + replaced)
+            return ReloadResult(added, removed, replaced, unchanged, restart)
+
+    def _close_drained(self) -> None:
+        """Dispose the retiring pools that no request uses or waits for any more."""
+        for pool in list(self.retiring):
+            batcher = self._batchers.get(pool)
+            if pool.waiting or (batcher is not None and batcher.waiting):
+                continue
+            if any(i.state is InstanceState.BUSY for i in pool.instances):
+                continue
+            self.retiring.remove(pool)
+            self._batchers.pop(pool, None)
+            log.info("%s: previous configuration drained, unloading its instances", pool.model_id)
+            task = asyncio.ensure_future(_close_retired(pool, batcher))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def wait_closed(self) -> None:
+        """Until every drained pool is disposed (tests, shutdown)."""
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     async def _reap_forever(self, interval: float) -> None:
         while True:
@@ -157,8 +241,16 @@ class Runtime:
             "uptime_seconds": round(self.clock.wall() - self.started_at, 3),
             "concurrency": {"limit": self.config.concurrency, "in_use": self.config.concurrency - self.limiter._value},
             "models": models,
+            # the previous configuration of removed or changed models, until its last request ends
+            "retiring": [{"model": pool.model_id, **pool.status()} for pool in self.retiring],
             "downloads": self.store.status(),
         }
+
+
+async def _close_retired(pool: ModelPool, batcher: EmbeddingBatcher | None) -> None:
+    await pool.close(0)
+    if batcher is not None:
+        await batcher.close()
 
 
 def _model_state(pool: ModelPool) -> str:
