@@ -445,16 +445,24 @@ class Gpt4AllEngine:
         self, work: Callable[[Callable[[GenerationEvent], None], Callable[[], bool]], None], cancel: threading.Event
     ) -> Iterator[GenerationEvent]:
         """Run ``work`` on a helper thread (llmodel_prompt blocks and reports through callbacks) and yield
-        what it emits. Closing the iterator early stops the generation within one token and waits for it."""
+        what it emits, in lockstep: the helper waits after each event until the consumer asks for the next,
+        so it never runs ahead, and a cancel set while the consumer handles an event stops generation
+        before another token is produced. Closing the iterator early stops the generation and waits for it."""
         events: queue.SimpleQueue[GenerationEvent | _End | _Failed] = queue.SimpleQueue()
+        resume = threading.Semaphore(0)  # released each time the consumer wants the next event
         left = threading.Event()  # the consumer closed this iterator
 
         def should_stop() -> bool:
             return cancel.is_set() or left.is_set()
 
+        def emit(event: GenerationEvent) -> None:
+            events.put(event)
+            if not left.is_set():
+                resume.acquire()
+
         def target() -> None:
             try:
-                work(events.put, should_stop)
+                work(emit, should_stop)
             except _Cancelled:  # the consumer left during prompt evaluation: a quiet end, not an error
                 events.put(_END)
             except BaseException as exc:
@@ -472,8 +480,10 @@ class Gpt4AllEngine:
                 if isinstance(item, _Failed):
                     raise item.exc
                 yield item
+                resume.release()
         finally:
             left.set()
+            resume.release()  # wakes a helper waiting in emit(); it sees `left` and stops
             helper.join()
 
     def _chat(self, task: ChatTask, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> None:
