@@ -55,6 +55,9 @@ CAPABILITIES: dict[str, Capabilities] = {
         supports=frozenset({"n", "seed", "logprobs", "grammar", "json_schema", "tools", "echo"}),
         refuses=frozenset({"echo_logprobs"}),
     ),
+    "gpt4all": Capabilities(
+        refuses=frozenset({"n", "seed", "logprobs", "grammar", "json_schema", "tools", "echo", "echo_logprobs"})
+    ),
 }
 
 WEATHER = ToolSpec(
