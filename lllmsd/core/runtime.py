@@ -163,6 +163,8 @@ class Runtime:
                 self.engine_classes[model_id] = classes[model_id]
                 self.pools[model_id] = self._make_pool(model_id, new[model_id], classes[model_id])
                 self.pools[model_id].start()
+                if new[model_id].prepare != "on-demand":  # a reload never waits for a download
+                    self.store.prefetch(model_id, new[model_id])
             self.pools = {m: self.pools[m] for m in new}  # listed in the config's order
             self._close_drained()
             unchanged = tuple(m for m in new if m not in added + replaced)
