@@ -9,7 +9,9 @@ from pathlib import Path
 from aiohttp import web
 
 from lllmsd.api import embeddings, models, status, text
+from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import CONFIG, RUNTIME
+from lllmsd.api.metrics import metrics_middleware, setup_metrics
 from lllmsd.api.middleware import error_middleware, request_context_middleware
 from lllmsd.config import DaemonConfig
 from lllmsd.core.clock import Clock
@@ -34,13 +36,15 @@ def create_app(
     ``base_dir`` is what relative model locations are relative to (the config file's folder)."""
     app = web.Application(
         client_max_size=config.max_body_size,
-        middlewares=[request_context_middleware, error_middleware],
+        # outermost first: the metrics see the final status, errors (a 401 too) become envelopes
+        middlewares=[request_context_middleware, metrics_middleware, error_middleware, auth_middleware],
     )
     app[CONFIG] = config
     runtime = Runtime(
         config, engine_classes=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval
     )
     app[RUNTIME] = runtime
+    setup_metrics(app, runtime)
 
     async def runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await runtime.start()

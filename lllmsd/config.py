@@ -355,6 +355,9 @@ class DaemonConfig(_Section):
 
     def problems(self) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
+        for index, key in enumerate(self.api_keys):
+            if not key.get_secret_value().strip():
+                found.append((f"api_keys.{index}", "an API key cannot be empty"))
         for model_id, model in self.models.items():
             prefix = f"models.{model_id}"
             if not re.match(MODEL_ID_PATTERN, model_id):
@@ -425,8 +428,22 @@ def parse_config(data: Any, *, source: str | None = None, check_installed: bool 
     return config
 
 
-def load_config(path: str | os.PathLike[str], *, check_installed: bool = True) -> DaemonConfig:
-    """Read and validate a YAML config file."""
+API_KEYS_ENV = "LLLMSD_API_KEYS"
+
+
+def with_env_api_keys(config: DaemonConfig, environ: Mapping[str, str]) -> DaemonConfig:
+    """``config`` plus the comma-separated keys in $LLLMSD_API_KEYS, so keys can stay out of the file
+    (systemd's EnvironmentFile, a container secret)."""
+    extra = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+    if not extra:
+        return config
+    return config.model_copy(update={"api_keys": [*config.api_keys, *(SecretStr(key) for key in extra)]})
+
+
+def load_config(
+    path: str | os.PathLike[str], *, check_installed: bool = True, environ: Mapping[str, str] | None = None
+) -> DaemonConfig:
+    """Read and validate a YAML config file; $LLLMSD_API_KEYS (from ``environ``) adds API keys."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -441,7 +458,8 @@ def load_config(path: str | os.PathLike[str], *, check_installed: bool = True) -
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([("", f"{source}: invalid YAML{where}: {problem}")], source) from None
-    return parse_config(data, source=source, check_installed=check_installed)
+    config = parse_config(data, source=source, check_installed=check_installed)
+    return with_env_api_keys(config, os.environ if environ is None else environ)
 
 
 def config_json_schema() -> dict[str, Any]:

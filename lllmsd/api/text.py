@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from lllmsd.api.keys import MODEL, RUNTIME
+from lllmsd.api.metrics import observe_generation
 from lllmsd.api.middleware import read_json
 from lllmsd.api.schemas.text import (
     ChatCompletionRequest,
@@ -63,7 +64,7 @@ async def _generate(
         header = ResponseHeader("chatcmpl" if is_chat else "cmpl", body.model, engine, instance.id)
         # Closing the events when this block ends, whatever ends it, stops the engine (within one
         # token) before the instance goes back to the pool.
-        async with contextlib.aclosing(instance.generate(task)) as events:
+        async with contextlib.aclosing(observe_generation(request, body.model, instance.generate(task))) as events:
             if body.stream:
                 if is_chat:
                     chunks = chat_chunks(header, events, task.n, task.logprobs, body.include_usage)

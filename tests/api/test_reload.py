@@ -134,6 +134,14 @@ async def test_restart_only_settings_keep_their_running_values(start_app: AppFac
     assert runtime.status()["concurrency"]["limit"] == 2
 
 
+async def test_new_api_keys_apply_at_once(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"a": fake_model()}))
+    assert (await client.get("/v1/models")).status == 200
+    await runtime_of(client).reload(make_config({"a": fake_model()}, api_keys=["sk-new"]))
+    assert (await client.get("/v1/models")).status == 401
+    assert (await client.get("/v1/models", headers={"Authorization": "Bearer sk-new"})).status == 200
+
+
 def write_config(path: Path, models: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({"models": models}))
     return path
