@@ -30,6 +30,7 @@ from lllmsd.core.tasks import (
 )
 from lllmsd.engines.gpt4all import (
     CHATML,
+    LLAMA3,
     Gpt4AllEngine,
     StopFilter,
     detect_format,
@@ -354,6 +355,12 @@ async def test_chat_format_is_derived_from_the_gguf(instance: ModelInstance) -> 
     assert "<|im_start|>" in info.chat_template
     assert detect_format(info.chat_template) is CHATML
     assert instance._engine.format is CHATML
+
+
+def test_llama3_template_is_recognised() -> None:
+    template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{% endfor %}"
+    assert detect_format(template) is LLAMA3
+    assert detect_format(None) is None
 
 
 def test_unknown_template_without_config_is_a_clear_error() -> None:
