@@ -1,0 +1,316 @@
+"""Pydantic models of every response body the daemon sends, for the OpenAPI document and its tests.
+
+The handlers build their bodies as plain dicts (fast, and shaped exactly as shared/OPENAI-WIRE.md says);
+these models describe those dicts. They are strict (``extra="forbid"``, every always-present key
+required), and the tests validate real responses with them and fuzz the API against the document built
+from them, so a handler that changes a shape without changing its model fails a test: the document
+cannot drift from what is served.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(_Body):
+    message: str = Field(description="What went wrong, for a human; never a stack trace.")
+    type: str = Field(description="OpenAI error type: invalid_request_error, authentication_error, server_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable machine-readable code (model_not_found, queue_full, ...).")
+
+
+class ErrorResponse(_Body):
+    """Every non-2xx response, whatever raised it."""
+
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------- shared pieces
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class PromptTokensDetails(_Body):
+    cached_tokens: int = Field(description="Prompt tokens the instance already held in its cache.")
+
+
+class Usage(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(_Body):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(_Body):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Body):
+    content: list[TokenLogprob]
+    refusal: None
+
+
+class CompletionLogprobs(_Body):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+# ----------------------------------------------------------------------------------- chat completions
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(description="JSON text, as the model emitted it.")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(_Body):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None
+    tool_calls: list[ToolCall] | None = Field(None, description="Present when the model called tools.")
+
+
+class ChatChoice(_Body):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class _Header(_Body):
+    id: str
+    created: int
+    model: str = Field(description="The model id the request named.")
+    system_fingerprint: str
+
+
+class ChatCompletion(_Header):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class FunctionCallDelta(_Body):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(_Body):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class ChatDelta(_Body):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(_Body):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Header):
+    """One ``data:`` event of a streamed chat completion."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="With stream_options.include_usage: null, then once the total.")
+
+
+# ------------------------------------------------------------------------------------------ completions
+
+
+class CompletionChoice(_Body):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None = Field(description="Null on the chunks before a choice's last.")
+
+
+class Completion(_Header):
+    """A completion, and also one ``data:`` event of a streamed one (same object name, as OpenAI's)."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, description="Always present outside streams.")
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+
+
+class Embedding(_Body):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32 bytes.")
+
+
+class EmbeddingUsage(_Body):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Body):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class ModelObject(_Body):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Body):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+# ------------------------------------------------------------------------------------------------ audio
+
+
+class AudioUsage(_Body):
+    type: Literal["duration"]
+    seconds: float
+
+
+class Transcription(_Body):
+    """``response_format: json`` (the default)."""
+
+    text: str
+    usage: AudioUsage
+
+
+class TranscriptionSegment(_Body):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionWord(_Body):
+    word: str
+    start: float
+    end: float
+
+
+class VerboseTranscription(_Body):
+    """``response_format: verbose_json``."""
+
+    task: Literal["transcribe", "translate"]
+    language: str
+    duration: float
+    text: str
+    segments: list[TranscriptionSegment] | None = None
+    words: list[TranscriptionWord] | None = None
+    usage: AudioUsage
+
+
+class TranscriptTextDelta(_Body):
+    """A ``data:`` event of a streamed transcription."""
+
+    type: Literal["transcript.text.delta"]
+    delta: str
+
+
+class TranscriptTextDone(_Body):
+    type: Literal["transcript.text.done"]
+    text: str
+
+
+# ----------------------------------------------------------------------------------------------- status
+
+
+class Health(_Body):
+    status: Literal["ok"]
+
+
+class InstanceStatus(_Body):
+    id: str
+    model: str
+    state: Literal["loading", "idle", "busy", "error", "closed"]
+    context_tokens: int
+    created: int
+    age_seconds: float
+    idle_seconds: float
+    requests_served: int
+    error: str | None
+
+
+class PoolStatus(_Body):
+    instances: list[InstanceStatus]
+    waiting: int = Field(description="Requests waiting for an instance.")
+    min_instances: int
+    max_instances: int
+    last_error: str | None
+
+
+class ModelStatus(PoolStatus):
+    engine: str
+    task: Literal["text-completion", "embedding", "speech-to-text"]
+    state: Literal["busy", "ready", "loading", "error", "unloaded"]
+
+
+class RetiringStatus(PoolStatus):
+    model: str
+
+
+class Concurrency(_Body):
+    limit: int
+    in_use: int
+
+
+class Status(_Body):
+    """What the daemon is doing: every model's instances and queue, downloads, uptime."""
+
+    name: Literal["lllmsd"]
+    version: str
+    uptime_seconds: float
+    concurrency: Concurrency
+    models: dict[str, ModelStatus]
+    retiring: list[RetiringStatus]
+    downloads: list[dict[str, Any]] = Field(description="Downloads under way or failed, per file.")
