@@ -309,9 +309,19 @@ class SentenceTransformersModelConfig(ModelBase):
     engine: Literal["sentence-transformers"] = Field(description="Engine that runs the model.")
     backend: Literal["torch", "onnx"] = Field("torch", description="Run on torch or on onnxruntime.")
     file_name: str | None = Field(
-        None, description="ONNX file inside the model folder (e.g. onnx/model_qint8_avx512.onnx)."
+        None,
+        description="backend onnx: the ONNX file inside the model folder (default onnx/model.onnx, then "
+        "model.onnx), e.g. onnx/model_qint8_avx512.onnx.",
     )
     truncate: bool = Field(True, description="Truncate inputs longer than the model's max sequence (else 400).")
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = super().problems()
+        if self.file_name is not None and self.backend != "onnx":
+            found.append(("file_name", "chooses an ONNX file: it goes with backend: onnx"))
+        if self.file_name is not None and (Path(self.file_name).is_absolute() or ".." in Path(self.file_name).parts):
+            found.append(("file_name", "must be a path inside the model folder"))
+        return found
 
 
 class FasterWhisperModelConfig(ModelBase):

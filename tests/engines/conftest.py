@@ -49,3 +49,16 @@ TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
         "context_size": 2048,
     },
 }
+
+# Engine/backend name -> a function giving the model dict the embedding contract suite runs on
+# (tests/engines/test_embedding_contract.py; what each one claims is in CAPABILITIES there).
+EMBEDDING_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
+    "st-torch": lambda: {"task": "embedding", "engine": "sentence-transformers", "location": str(model_path("minilm"))},
+    "st-onnx": lambda: {
+        "task": "embedding",
+        "engine": "sentence-transformers",
+        "backend": "onnx",
+        "file_name": "onnx/model_qint8.onnx",
+        "location": str(model_path("minilm-onnx")),
+    },
+}
