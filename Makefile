@@ -22,7 +22,7 @@ MODEL_PACKAGES := \
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models serve test test-fast lint bench clean system-deps
+.PHONY: install models serve test test-fast lint bench clean system-deps install-service
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,21 @@ lint: $(STAMP)
 
 bench: install
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+# The system service (docs/systemd.md): the daemon in its own virtualenv under /opt (the unit's
+# ProtectHome= hides home folders, so it cannot run from a checkout there), the unit, and a config
+# to edit if there is none yet. Run as root.
+SERVICE_PREFIX ?= /opt/lllmsd
+SERVICE_CONFIG ?= config.hub.yaml
+install-service:
+	@test "$$(id -u)" = 0 || { echo "install-service needs root: sudo make install-service"; exit 1; }
+	test -x $(SERVICE_PREFIX)/bin/python || $(PYTHON) -m venv $(SERVICE_PREFIX)
+	$(SERVICE_PREFIX)/bin/python -m pip install -q torch==2.13.0
+	$(SERVICE_PREFIX)/bin/python -m pip install -q '.[all]'
+	sed 's|/opt/lllmsd/|$(SERVICE_PREFIX)/|g' systemd/lllmsd.service > /etc/systemd/system/lllmsd.service
+	test -e /etc/lllmsd/config.yaml || install -D -m 0644 $(SERVICE_CONFIG) /etc/lllmsd/config.yaml
+	systemctl daemon-reload
+	@echo "installed: edit /etc/lllmsd/config.yaml, then: systemctl enable --now lllmsd"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
