@@ -112,7 +112,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         type_, code = _HTTP_ERRORS.get(exc.status, ("invalid_request_error", "http_error"))
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else _http_message(request, exc)
+        own_text = exc.text and not exc.text.startswith(f"{exc.status}:") and exc.status != 413
+        message = exc.text if own_text else _http_message(request, exc)  # a 413 names the setting to raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
         return error_response(exc.status, message, type_, None, code, headers)
     except (asyncio.CancelledError, ConnectionResetError):
@@ -133,7 +134,7 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
         allowed = exc.headers.get("Allow", "")
         return f"method {request.method} is not allowed on {request.path} (allowed: {allowed})"
     if exc.status == 413:
-        return f"request body too large (limit {request.app[CONFIG].max_body_size} bytes)"
+        return f"request body too large (limit {request.app[CONFIG].max_body_size} bytes, max_body_size)"
     return exc.reason
 
 

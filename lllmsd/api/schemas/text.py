@@ -72,6 +72,12 @@ class MessageWire(WireRequest):
             raise ValueError("a tool message needs tool_call_id")
         return self
 
+    def prompt_chars(self) -> int:
+        """Characters this message adds to the prompt (for ``max_prompt_chars``)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        return len(content) + calls
+
     def to_message(self) -> ChatMessage:
         content = self.content
         if isinstance(content, list):
@@ -239,6 +245,9 @@ class ChatCompletionRequest(SamplingWire):
 
     def to_task(self, config: Any) -> ChatTask:
         max_tokens = self.max_completion_tokens or self.max_tokens
+        _check_count("messages", len(self.messages), getattr(config, "max_messages", None), "max_messages")
+        _check_prompt_chars(config, "messages", sum(m.prompt_chars() for m in self.messages))
+        _check_max_tokens(config, "max_completion_tokens" if self.max_completion_tokens else "max_tokens", max_tokens)
         if isinstance(self.tool_choice, NamedToolChoice):
             tool_choice: str | None = self.tool_choice.function.name
         else:
@@ -292,6 +301,9 @@ class CompletionRequest(SamplingWire):
         return self
 
     def to_task(self, config: Any) -> CompletionTask:
+        prompt_chars = sum(len(p) for p in ([self.prompt] if isinstance(self.prompt, str) else self.prompt))
+        _check_prompt_chars(config, "prompt", prompt_chars + len(self.suffix or ""))
+        _check_max_tokens(config, "max_tokens", self.max_tokens)  # an explicit one: the default fits any context
         defaults = getattr(config, "completion_defaults", None)
         max_tokens = self.max_tokens or (defaults.max_tokens if defaults else None) or COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -304,6 +316,41 @@ class CompletionRequest(SamplingWire):
             suffix=self.suffix,
             logprobs=self.logprobs,
             grammar=self.resolve_grammar(config),
+        )
+
+
+# ------------------------------------------------------------------------------------- request limits
+# Checked before the request queues, so an oversized request costs no tokenizing and no instance.
+
+
+def _check_count(param: str, count: int, limit: int | None, setting: str) -> None:
+    if limit is not None and count > limit:
+        raise InvalidRequest(
+            f"{param} has {count} items; this model takes at most {limit} per request ({setting})",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def _check_prompt_chars(config: Any, param: str, chars: int) -> None:
+    limit = getattr(config, "max_prompt_chars", None)
+    if limit is not None and chars > limit:
+        raise InvalidRequest(
+            f"the prompt has {chars} characters; this model takes at most {limit} per request (max_prompt_chars)",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def _check_max_tokens(config: Any, param: str, max_tokens: int | None) -> None:
+    """A max_tokens that cannot fit even with a one-token prompt (the engine checks the real prompt)."""
+    context = getattr(config, "context_size", None)
+    if max_tokens is not None and context is not None and max_tokens >= context:
+        raise InvalidRequest(
+            f"{param} is {max_tokens}, but this model's maximum context length is {context} tokens, "
+            "which must also hold the prompt",
+            param=param,
+            code="context_length_exceeded",
         )
 
 
