@@ -180,6 +180,16 @@ class ModelBase(_Section):
     max_inputs: int = Field(
         2048, ge=1, description="Embedding models: inputs one request may carry at most (OpenAI's limit is 2048)."
     )
+    # -- text models: what one request may carry (see docs/hardening.md); more is a 400 naming the limit
+    max_messages: int = Field(
+        2048, ge=1, description="Text models: chat messages one request may carry at most."
+    )
+    max_prompt_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Text models: characters one request's prompt may have at most (chat: every message's "
+        "content and tool-call arguments; completions: prompt and suffix), checked before any tokenizing.",
+    )
 
     @field_validator("token", mode="before")
     @classmethod
@@ -225,6 +235,9 @@ class ModelBase(_Section):
         if self.task is not ModelTask.EMBEDDING:
             for name in sorted(self.model_fields_set & _EMBEDDING_ONLY):
                 found.append((name, "only embedding models batch requests"))
+        if self.task is not ModelTask.TEXT_COMPLETION:
+            for name in sorted(self.model_fields_set & _TEXT_ONLY):
+                found.append((name, "only text-completion models take messages and prompts"))
         return found
 
     def needs_source(self) -> bool:
@@ -232,6 +245,7 @@ class ModelBase(_Section):
 
 
 _EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs"})
+_TEXT_ONLY = frozenset({"max_messages", "max_prompt_chars"})
 
 
 def _source_problems(model: ModelBase) -> list[tuple[str, str]]:
