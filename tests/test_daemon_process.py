@@ -69,8 +69,20 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         pid_file = tmp_path / "lllmsd.pid"
         env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
         env.pop("LLLMSD_API_KEYS", None)
-        command = [sys.executable, "-m", "lllmsd", "serve", "-c", str(config), "--port", "0",
-                   "--pid-file", str(pid_file), "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "lllmsd",
+            "serve",
+            "-c",
+            str(config),
+            "--port",
+            "0",
+            "--pid-file",
+            str(pid_file),
+            "--log-level",
+            "warning",
+        ]
         with (tmp_path / "stderr.log").open("wb") as log:
             process = subprocess.Popen(command, env=env, stderr=log, cwd=tmp_path)
         daemon = Daemon(process, notify, config, pid_file)

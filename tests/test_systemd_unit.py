@@ -57,7 +57,14 @@ def test_the_hardening_scores_ok(unit_copy: Path) -> None:
 
 def test_the_unit_is_a_notify_service_that_reloads_with_sighup() -> None:
     settings = [line.strip() for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")]
-    for wanted in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "DynamicUser=yes",
-                   "StateDirectory=lllmsd", "CacheDirectory=lllmsd", "ProtectSystem=strict",
-                   "Environment=XDG_CACHE_HOME=%C"):
+    for wanted in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "StateDirectory=lllmsd",
+        "CacheDirectory=lllmsd",
+        "ProtectSystem=strict",
+        "Environment=XDG_CACHE_HOME=%C",
+    ):
         assert wanted in settings, wanted

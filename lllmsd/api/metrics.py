@@ -51,17 +51,24 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "lllmsd_requests", "HTTP requests answered, by route, model and status.",
-            ["route", "model", "status"], registry=r,
+            "lllmsd_requests",
+            "HTTP requests answered, by route, model and status.",
+            ["route", "model", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "lllmsd_request_duration_seconds", "Time from a request's arrival to its response's last byte.",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+            "lllmsd_request_duration_seconds",
+            "Time from a request's arrival to its response's last byte.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
             "lllmsd_time_to_first_token_seconds",
             "Time from a generation request's arrival (queueing and loading included) to its first token.",
-            ["model"], buckets=TTFT_BUCKETS, registry=r,
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "lllmsd_prompt_tokens", "Prompt tokens evaluated or reused.", ["model"], registry=r
@@ -70,12 +77,16 @@ class Metrics:
             "lllmsd_generated_tokens", "Completion tokens generated.", ["model"], registry=r
         )
         self.cached_tokens = Counter(
-            "lllmsd_cached_prompt_tokens", "Prompt tokens an instance already held (prompt cache hits).",
-            ["model"], registry=r,
+            "lllmsd_cached_prompt_tokens",
+            "Prompt tokens an instance already held (prompt cache hits).",
+            ["model"],
+            registry=r,
         )
         self.cache_hits = Counter(
-            "lllmsd_prompt_cache_hits", "Generations that reused at least one cached prompt token.",
-            ["model"], registry=r,
+            "lllmsd_prompt_cache_hits",
+            "Generations that reused at least one cached prompt token.",
+            ["model"],
+            registry=r,
         )
         r.register(RuntimeCollector(runtime))
         ProcessCollector(registry=r)  # resident memory and CPU time: what loaded models cost
@@ -189,7 +200,8 @@ class RuntimeCollector:
         yield instances
         yield queue
         yield GaugeMetricFamily(
-            "lllmsd_concurrency_in_use", "Engine tasks running now, across all models.",
+            "lllmsd_concurrency_in_use",
+            "Engine tasks running now, across all models.",
             value=status["concurrency"]["in_use"],
         )
         yield GaugeMetricFamily(
@@ -201,14 +213,13 @@ class RuntimeCollector:
         yield info
 
 
-
-
 def _download_metrics(downloads: list[dict[str, Any]]) -> Iterator[Metric]:
     done = GaugeMetricFamily(
         "lllmsd_download_bytes", "Bytes fetched so far by the model store, per model.", labels=["model"]
     )
     total = GaugeMetricFamily(
-        "lllmsd_download_size_bytes", "Bytes the model store's downloads will fetch in all, per model.",
+        "lllmsd_download_size_bytes",
+        "Bytes the model store's downloads will fetch in all, per model.",
         labels=["model"],
     )
     fetched: dict[str, float] = {}

@@ -41,8 +41,14 @@ async def assert_401(response: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/models"), ("GET", "/openai/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/"),
-     ("GET", "/metrics"), ("GET", "/no/such/route")],
+    [
+        ("GET", "/v1/models"),
+        ("GET", "/openai/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/"),
+        ("GET", "/metrics"),
+        ("GET", "/no/such/route"),
+    ],
 )
 async def test_a_missing_key_is_401_everywhere_but_health(locked: TestClient, method: str, path: str) -> None:
     error = await assert_401(await locked.request(method, path, json=CHAT))
@@ -51,8 +57,15 @@ async def test_a_missing_key_is_401_everywhere_but_health(locked: TestClient, me
 
 @pytest.mark.parametrize(
     "header",
-    ["Bearer sk-wrong", f"Bearer {KEYS[0]}x", f"Bearer {KEYS[0][:-1]}", f"Basic {KEYS[0]}", KEYS[0], "Bearer ",
-     f"Bearer{KEYS[0]}"],
+    [
+        "Bearer sk-wrong",
+        f"Bearer {KEYS[0]}x",
+        f"Bearer {KEYS[0][:-1]}",
+        f"Basic {KEYS[0]}",
+        KEYS[0],
+        "Bearer ",
+        f"Bearer{KEYS[0]}",
+    ],
 )
 async def test_a_wrong_key_is_401(locked: TestClient, header: str) -> None:
     error = await assert_401(await locked.post("/v1/chat/completions", json=CHAT, headers={"Authorization": header}))

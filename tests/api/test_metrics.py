@@ -44,10 +44,16 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 async def test_requests_tokens_and_cache_hits_after_a_few_requests(client: TestClient) -> None:
     async with sdk(client) as api:
         first = await api.chat.completions.create(model="chat", messages=FIRST)  # type: ignore[arg-type]
-        follow_up = [*FIRST, {"role": "assistant", "content": "the quick brown fox"},
-                     {"role": "user", "content": "jumps over"}]
+        follow_up = [
+            *FIRST,
+            {"role": "assistant", "content": "the quick brown fox"},
+            {"role": "user", "content": "jumps over"},
+        ]
         stream = await api.chat.completions.create(
-            model="chat", messages=follow_up, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+            model="chat",
+            messages=follow_up,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
         )
         chunks = [chunk async for chunk in stream]
         await api.completions.create(model="chat", prompt="one two three")
@@ -88,9 +94,7 @@ async def test_queue_depth_busy_instances_and_concurrency_while_a_request_waits(
     client = await start_app(make_config({"chat": fake_model(max_instances=1)}))
     pool = client.app[RUNTIME].pool("chat")
     async with pool.acquire():
-        waiting = asyncio.ensure_future(
-            client.post("/v1/chat/completions", json={"model": "chat", "messages": FIRST})
-        )
+        waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json={"model": "chat", "messages": FIRST}))
         await until(lambda: pool.waiting == 1)
         samples = await scrape(client)
         assert value(samples, "lllmsd_queue_depth", model="chat") == 1
