@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL = 1.0
 # Settings a running daemon cannot change (the socket, the shared limiter, the store, the app's body
 # limit): a reload keeps the running values and says a restart is needed.
-RESTART_ONLY = ("listen", "concurrency", "cache_dir", "max_body_size")
+RESTART_ONLY = ("listen", "concurrency", "cache_dir", "max_body_size", "client_timeout")
 
 
 @dataclass(frozen=True)
