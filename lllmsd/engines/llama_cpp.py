@@ -481,15 +481,12 @@ class LlamaCppEngine:
 
     # --------------------------------------------------------------------------------- sampling
 
-    def _sampler(self, plan: Plan, seed: int) -> internals.LlamaSampler:
+    def _sampler(self, plan: Plan, seed: int, prompt: list[int]) -> internals.LlamaSampler:
         s = plan.sampling
         chain = internals.LlamaSampler()
         if s.logit_bias:
             chain.add_logit_bias(self.n_vocab, self._logit_bias(s.logit_bias))
-        repeat = s.repeat_penalty or 1.0
-        if repeat != 1.0 or s.frequency_penalty or s.presence_penalty:
-            last_n = s.repeat_last_n if s.repeat_last_n is not None else DEFAULT_REPEAT_LAST_N
-            chain.add_penalties(self.n_vocab, last_n, repeat, s.frequency_penalty or 0.0, s.presence_penalty or 0.0)
+        self._add_penalties(chain, s, prompt)
         if plan.grammar is not None:
             self._add_grammar(chain, plan.grammar)
         temperature = 1.0 if s.temperature is None else s.temperature
@@ -502,6 +499,20 @@ class LlamaCppEngine:
         chain.add_temp(temperature)
         chain.add_dist(seed)
         return chain
+
+    def _add_penalties(self, chain: internals.LlamaSampler, s: Sampling, prompt: list[int]) -> None:
+        repeat = s.repeat_penalty or 1.0
+        if repeat == 1.0 and not s.frequency_penalty and not s.presence_penalty:
+            return
+        last_n = s.repeat_last_n if s.repeat_last_n is not None else DEFAULT_REPEAT_LAST_N
+        sampler = llama_cpp.llama_sampler_init_penalties(
+            self.n_vocab, last_n, repeat, s.frequency_penalty or 0.0, s.presence_penalty or 0.0
+        )
+        # "The text so far" includes the prompt (as in llama.cpp's server): the penalty window starts
+        # filled with the prompt's last tokens. Fed to this sampler alone, never to a grammar.
+        for token in prompt[-last_n:] if last_n > 0 else ():
+            llama_cpp.llama_sampler_accept(sampler, token)
+        llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
 
     def _logit_bias(self, bias: dict[int, float]) -> dict[int, float]:
         for token in bias:
@@ -554,7 +565,7 @@ class LlamaCppEngine:
         self, prompt: list[int], plan: Plan, seed: int, cancel: threading.Event, outcome: Outcome, *, score: bool
     ) -> Iterator[tuple[bytes, TokenLogprob | None]]:
         """The generated tokens' bytes (and logprobs when asked for); sets ``outcome.finish`` on a normal end."""
-        sampler = self._sampler(plan, seed)
+        sampler = self._sampler(plan, seed, prompt)
         try:
             token = -1
             for position in range(self._budget(plan, prompt)):
