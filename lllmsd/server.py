@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -64,6 +65,7 @@ async def serve(
         access_log=None,  # our middleware logs one line per request, with the model and request id
         handler_cancellation=True,  # a client that goes away cancels its request (and its generation)
         shutdown_timeout=config.shutdown_grace,
+        **protocol_options(config),
     )
     await runner.setup()  # starts the runtime (min instances begin loading in the background)
     stop = asyncio.Event()
@@ -80,6 +82,13 @@ async def serve(
     finally:
         _remove_signals()
         await runner.cleanup()
+
+
+def protocol_options(config: DaemonConfig) -> dict[str, Any]:
+    """Connection settings that keep slow or idle clients from holding connections (slow-loris): aiohttp
+    closes a connection that has not completed a request's headers ``client_timeout`` seconds after it
+    opened or after its last response; read_json bounds the body in time the same way."""
+    return {"keepalive_timeout": config.client_timeout}
 
 
 def _url(runner: web.AppRunner) -> str:
