@@ -45,7 +45,7 @@ from lllmsd.core.tasks import (
     Usage,
 )
 from lllmsd.engines.base import ModelFiles, Task
-from lllmsd.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelUnavailable, UnsupportedParameter
+from lllmsd.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable, UnsupportedParameter
 
 log = logging.getLogger(__name__)
 
@@ -622,8 +622,8 @@ class Gpt4AllEngine:
             return True
 
         self._prompt("", False, limit, on_prompt, on_response)
-        if state.error is not None:
-            raise EngineError(f"gpt4all: {state.error}")
+        if state.error is not None:  # the model's state is unknown now: a plain error gets the instance replaced
+            raise RuntimeError(f"gpt4all: {state.error}")
         if state.cancelled:
             return _Generated(stops.emitted, len(ends), None, [])
         if not stops.stopped:
@@ -635,8 +635,8 @@ class Gpt4AllEngine:
         self._ctx.n_past = start + kept
         if stops.stopped:
             finish = "stop"
-        elif len(ends) >= limit:
-            finish = "length"
+        elif len(ends) >= limit or int(self._ctx.n_past) + 1 >= self.context_size:
+            finish = "length"  # max_tokens, or the context is full (gpt4all stops a token short of it)
         else:
             finish = "stop"
         return _Generated(stops.emitted, len(ends), finish, [(pending, special)] if pending else [])
