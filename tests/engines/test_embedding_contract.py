@@ -3,7 +3,7 @@
 Joining: add the model to ``EMBEDDING_MODELS`` and, for what it claims beyond the base contract, an entry
 in ``CAPABILITIES`` below; a ``tokenizer`` there (text -> the model's own token ids, special tokens
 included) turns on the token-input and usage tests. The base contract: one unit vector per input, in
-input order, the same whether inputs come together or alone; ``dimensions`` gives unit vectors of that
+input order, the same (cosine > SAME) together or alone; ``dimensions`` gives unit vectors of that
 length and more than the model has is a 400; token ids outside the vocabulary are a 400; and through the
 batcher, 32 concurrent requests each get their own vectors.
 """
@@ -69,6 +69,9 @@ SENTENCES = (
     "Quarterly revenue grew by twelve percent.",
     "Two dogs play in the snow.",
 )
+# Batched kernels (padding, quantised matmuls over other shapes) move a vector by numeric noise only:
+# an input's vector, alone or in a batch, is "the same" when their cosine is above this.
+SAME = 0.999
 PARAPHRASE = ("A man is eating a piece of bread.", "A man is eating food.", "The stock market fell sharply today.")
 
 
@@ -112,8 +115,7 @@ async def test_one_unit_vector_per_input_in_order(subject: Subject) -> None:
     assert together.shape[1] >= 8
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-4)
     for row, sentence in zip(together, SENTENCES, strict=True):
-        alone = matrix(await subject.embed(sentence))[0]
-        np.testing.assert_allclose(row, alone, atol=1e-4)
+        assert cosine(row, matrix(await subject.embed(sentence))[0]) > SAME
     # different sentences, different vectors
     assert cosine(together[0], together[1]) < 0.99
 
@@ -222,7 +224,7 @@ async def test_32_concurrent_requests_through_the_batcher_each_get_their_own(sub
         await pool.close(0)
         await batcher.close()
     together = np.stack([matrix(result)[0] for result in results])
-    np.testing.assert_allclose(together, alone, atol=1e-3)
-    similarity = together @ alone.T
+    similarity = together @ alone.T  # unit vectors: cosines
+    assert (np.diag(similarity) > SAME).all()
     assert (similarity.argmax(axis=1) == np.arange(32)).all()
     assert batcher.batches_run < 32  # they were batched
