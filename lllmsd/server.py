@@ -28,6 +28,8 @@ from lllmsd.notify import Notifier
 
 log = logging.getLogger(__name__)
 
+LINGERING_TIME = 10.0  # aiohttp's default: how long an unread request body is drained after the response
+
 
 def run_server(
     config: DaemonConfig,
@@ -87,8 +89,9 @@ async def serve(
 def protocol_options(config: DaemonConfig) -> dict[str, Any]:
     """Connection settings that keep slow or idle clients from holding connections (slow-loris): aiohttp
     closes a connection that has not completed a request's headers ``client_timeout`` seconds after it
-    opened or after its last response; read_json bounds the body in time the same way."""
-    return {"keepalive_timeout": config.client_timeout}
+    opened or after its last response; read_json bounds the body in time the same way, and after an error
+    answer the rest of an unread body is drained for at most as long (aiohttp's lingering_time, 10 s)."""
+    return {"keepalive_timeout": config.client_timeout, "lingering_time": min(LINGERING_TIME, config.client_timeout)}
 
 
 def _url(runner: web.AppRunner) -> str:

@@ -38,6 +38,7 @@ _HTTP_ERRORS: dict[int, tuple[str, str]] = {
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "payload_too_large"),
+    408: ("invalid_request_error", "request_timeout"),
     415: ("invalid_request_error", "unsupported_media_type"),
 }
 
@@ -145,7 +146,14 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Type must be application/json, got '{content_type or 'none'}'"
         )
-    body = await request.read()  # bounded by client_max_size: aiohttp raises 413 beyond it
+    timeout = request.app[CONFIG].client_timeout
+    try:
+        # bounded in size by client_max_size (aiohttp raises 413 beyond it) and in time: a body that stalls
+        # must not hold its connection and handler forever
+        body = await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        message = f"the request body did not arrive within {timeout:g}s (client_timeout)"
+        raise web.HTTPRequestTimeout(text=message) from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -45,6 +45,7 @@ ERROR_DESCRIPTIONS: Mapping[int, str] = MappingProxyType(
         "(code names it: invalid_value, context_length_exceeded, unsupported_parameter, ...).",
         401: "Missing or wrong API key (only when api_keys are configured).",
         404: "No model with this id (code model_not_found).",
+        408: "The request body did not arrive within client_timeout seconds.",
         413: "Request body or uploaded file larger than the configured limit (max_body_size, max_audio_size).",
         415: "Wrong Content-Type.",
         429: "Too many requests waiting for this model (code queue_full); see Retry-After.",
@@ -53,7 +54,8 @@ ERROR_DESCRIPTIONS: Mapping[int, str] = MappingProxyType(
         "or the daemon is shutting down.",
     }
 )
-_GENERATION_ERRORS = (400, 404, 413, 415, 429, 500, 503)
+_GENERATION_ERRORS = (400, 404, 408, 413, 415, 429, 500, 503)
+_AUDIO_ERRORS = (400, 404, 413, 415, 429, 500, 503)
 
 
 @dataclass(frozen=True)
@@ -110,11 +112,11 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             "Transcribe audio", "audio",
             (*_AUDIO_BODIES, Body(_SSE, description="With `stream=true`: transcript.text.delta events, then "
                                   "transcript.text.done", event=r.TranscriptTextDelta)),
-            TranscriptionRequest, MULTIPART, errors=_GENERATION_ERRORS,
+            TranscriptionRequest, MULTIPART, errors=_AUDIO_ERRORS,
         ),
         ("POST", "/audio/translations"): Operation(
             "Translate audio into English text", "audio", _AUDIO_BODIES, TranslationRequest, MULTIPART,
-            errors=_GENERATION_ERRORS,
+            errors=_AUDIO_ERRORS,
         ),
         ("GET", "/models"): Operation("List the configured models", "models", (Body(JSON, r.ModelList),)),
         ("GET", "/models/{model}"): Operation(
