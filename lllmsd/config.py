@@ -370,6 +370,12 @@ class DaemonConfig(_Section):
     shutdown_grace: float = Field(
         30, ge=0, description="Seconds running requests get to finish on shutdown before they are cut."
     )
+    client_timeout: float = Field(
+        60,
+        gt=0,
+        description="Seconds a connection may stay idle or take to send its request headers, and a JSON body "
+        "may take to arrive (else 408): a slow or stalled client cannot hold a connection forever.",
+    )
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="The models to serve, by id.")
 
     @field_validator("cache_dir", mode="after")
