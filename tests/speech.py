@@ -1,0 +1,90 @@
+"""Speech made at test time with espeak-ng, converted with sox: the audio the transcription tests hear.
+
+The voice and rate were chosen because tiny.en and base both hear "quick brown fox" in every format
+(wav, mp3, ogg) with it; espeak's default voice makes base hear "quick round fox" in some encodings.
+If espeak-ng or sox is missing the tests fail loudly (``make system-deps`` installs them): a skipped
+transcription suite would look green while proving nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+FOX = "The quick brown fox jumps over the lazy dog."
+FRENCH = "J'aime beaucoup la musique."
+VOICE = ("-v", "en+f3", "-s", "150")
+FRENCH_VOICE = ("-v", "fr", "-s", "130")
+
+
+@dataclass(frozen=True)
+class Speech:
+    wav: Path
+    mp3: Path
+    ogg: Path
+    french_wav: Path
+    duration: float  # seconds, of the English sentence
+
+    def read(self, kind: str = "wav") -> bytes:
+        return getattr(self, kind).read_bytes()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"{name} is not installed: run `make system-deps` (apt-get install espeak-ng sox libsox-fmt-mp3)"
+        )
+    return path
+
+
+def _run(*command: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-1000:]}")
+    return done.stdout
+
+
+def make_speech(folder: Path, text: str = FOX) -> Speech:
+    """Synthesize ``text`` (and the French sentence) into ``folder`` as wav, mp3 and ogg."""
+    espeak, sox = _tool("espeak-ng"), _tool("sox")
+    wav = folder / "speech.wav"
+    _run(espeak, *VOICE, "-w", str(wav), text)
+    mp3, ogg = folder / "speech.mp3", folder / "speech.ogg"
+    _run(sox, str(wav), str(mp3))
+    _run(sox, str(wav), str(ogg))
+    french = folder / "french.wav"
+    _run(espeak, *FRENCH_VOICE, "-w", str(french), FRENCH)
+    duration = float(_run(_tool("soxi"), "-D", str(wav)).strip())
+    return Speech(wav=wav, mp3=mp3, ogg=ogg, french_wav=french, duration=duration)
+
+
+# Distinct sentences: repeated text makes Whisper's compression-ratio check fail, and the random
+# temperature fallback that follows can drop whole windows.
+LONG_TEXT = (
+    "The quick brown fox jumps over the lazy dog. "
+    "A local model daemon keeps a pool of loaded instances for every model it serves. "
+    "When a request arrives, the pool hands out an idle instance or loads a new one. "
+    "Speech recognition turns this recording back into text, one window of thirty seconds at a time. "
+    "Every window is decoded with a beam search, and the segments come out with their timestamps. "
+    "On a small machine with two cores, the tiny English model runs many times faster than real time. "
+    "The base model understands many languages and can translate them into English. "
+    "Clients talk to the daemon with the official software development kit, as if it were the cloud. "
+    "Uploads larger than twenty five megabytes are refused before they are read to the end. "
+    "A file that is not audio gets a clear error that names the file. "
+    "Subtitles come out in two formats, with times that never go backwards. "
+    "Streaming clients receive the text segment by segment, followed by a final event. "
+    "When a client disconnects, decoding stops and the instance is free for the next request. "
+    "Benchmarks compare the engine on its own with the same engine behind the daemon. "
+    "The ratio between the two tells how much the daemon costs. "
+    "Four uploads at once share two instances, and the rest wait in line."
+)
+
+
+def long_speech(folder: Path) -> Path:
+    """About ninety seconds of distinct sentences: several 30 s windows, for cancellation and benchmarks."""
+    out = folder / "long.wav"
+    _run(_tool("espeak-ng"), *VOICE, "-w", str(out), LONG_TEXT)
+    return out
