@@ -97,10 +97,10 @@ class FasterWhisperEngine:
         duration = float(info.duration)
         yield TranscriptInfo(language=str(info.language), duration=duration)
         # ``segments`` is lazy: each next() decodes one more window, so this loop is where the time goes
-        for segment in segments:
+        for index, segment in enumerate(segments):
             if cancel.is_set():
                 return
-            yield _segment(segment, duration)
+            yield _segment(index, segment, duration)
 
     def _check_model_can(self, task: TranscriptionTask) -> None:
         """Refuse what an English-only model would silently get wrong (faster-whisper only logs it)."""
@@ -139,7 +139,7 @@ def _temperatures(requested: float | None) -> Iterable[float]:
     return (float(requested),)
 
 
-def _segment(segment: Any, duration: float) -> TranscriptSegment:
+def _segment(index: int, segment: Any, duration: float) -> TranscriptSegment:
     # Whisper's timestamps are token positions in a 30 s window: clamp them to the audio that exists.
     words = tuple(
         TranscriptWord(
@@ -151,7 +151,7 @@ def _segment(segment: Any, duration: float) -> TranscriptSegment:
         for w in segment.words or ()
     )
     return TranscriptSegment(
-        id=int(segment.id),
+        id=index,  # faster-whisper counts from 1, OpenAI from 0
         seek=int(segment.seek),
         start=_clamp(segment.start, duration),
         end=_clamp(segment.end, duration),
