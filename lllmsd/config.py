@@ -367,6 +367,12 @@ class DaemonConfig(_Section):
     max_body_size: int = Field(
         26 * 1024 * 1024, ge=1024, description="Largest request body in bytes (audio uploads included)."
     )
+    max_audio_size: int = Field(
+        25 * 1024 * 1024,
+        ge=1,
+        description="Largest audio file one transcription or translation may upload, in bytes (OpenAI's 25 MB); "
+        "larger files get 413.",
+    )
     shutdown_grace: float = Field(
         30, ge=0, description="Seconds running requests get to finish on shutdown before they are cut."
     )
