@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import embeddings, models, status, text
+from lllmsd.api import audio, embeddings, models, status, text
 from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import CONFIG, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
@@ -65,3 +65,5 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/chat/completions", text.chat_completions)
         app.router.add_post(f"{prefix}/completions", text.completions)
         app.router.add_post(f"{prefix}/embeddings", embeddings.embeddings)
+        app.router.add_post(f"{prefix}/audio/transcriptions", audio.transcriptions)
+        app.router.add_post(f"{prefix}/audio/translations", audio.translations)
