@@ -65,7 +65,8 @@ class Body:
     media_type: str
     model: type[BaseModel] | None = None
     description: str = ""
-    event: type[BaseModel] | None = None  # a stream's event model (text/event-stream), as x-event-schema
+    events: tuple[type[BaseModel], ...] = ()  # a stream's event payload models (text/event-stream)
+    schema: Mapping[str, Any] | None = None  # a body described by hand (no model): its JSON Schema
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,12 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
     {
         ("POST", "/chat/completions"): Operation(
             "Create a chat completion", "chat",
-            (Body(JSON, r.ChatCompletion), Body(_SSE, description=_STREAM, event=r.ChatCompletionChunk)),
+            (Body(JSON, r.ChatCompletion), Body(_SSE, description=_STREAM, events=(r.ChatCompletionChunk,))),
             ChatCompletionRequest, errors=_GENERATION_ERRORS,
         ),
         ("POST", "/completions"): Operation(
             "Create a (legacy) completion", "completions",
-            (Body(JSON, r.Completion), Body(_SSE, description=_STREAM, event=r.Completion)),
+            (Body(JSON, r.Completion), Body(_SSE, description=_STREAM, events=(r.Completion,))),
             CompletionRequest, errors=_GENERATION_ERRORS,
         ),
         ("POST", "/embeddings"): Operation(
@@ -111,7 +112,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
         ("POST", "/audio/transcriptions"): Operation(
             "Transcribe audio", "audio",
             (*_AUDIO_BODIES, Body(_SSE, description="With `stream=true`: transcript.text.delta events, then "
-                                  "transcript.text.done", event=r.TranscriptTextDelta)),
+                                  "transcript.text.done", events=(r.TranscriptTextDelta, r.TranscriptTextDone))),
             TranscriptionRequest, MULTIPART, errors=_AUDIO_ERRORS,
         ),
         ("POST", "/audio/translations"): Operation(
@@ -132,7 +133,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             (Body("text/plain", description="Prometheus text exposition format 0.0.4"),),
         ),
         ("GET", "/openapi.json"): Operation(
-            "This document", "daemon", (Body(JSON, description="An OpenAPI 3.1 document"),)
+            "This document", "daemon", (Body(JSON, description="An OpenAPI 3.1 document", schema={"type": "object"}),)
         ),
     }
 )
@@ -243,13 +244,35 @@ def _ok(bodies: tuple[Body, ...], refs: Mapping[tuple[type, str], Any]) -> dict[
             else:
                 content[body.media_type] = {"schema": schema}
         else:
-            media: dict[str, Any] = {"schema": {"type": "string"}}
-            if body.event is not None:
-                media["x-event-schema"] = refs[(body.event, "serialization")]
-            content[body.media_type] = media
+            if body.events:
+                schema = _sse_event([refs[(model, "serialization")] for model in body.events])
+            else:
+                schema = dict(body.schema or {"type": "string"})
+            content[body.media_type] = {"schema": schema}
         if body.description:
             descriptions.append(body.description)
     return {"description": "; ".join(descriptions) or "OK", "content": content}
+
+
+def _sse_event(payloads: list[Any]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1 reads a text/event-stream ``schema`` as each event's): its
+    ``data`` is JSON text of one of ``payloads``, or an error envelope when the stream fails, or ``[DONE]``."""
+    envelope = {"$ref": REF.format(model="ErrorResponse")}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"oneOf": [*payloads, envelope]},
+                "description": "JSON text of one event; a chat or completion stream ends with the text [DONE].",
+            },
+        },
+    }
 
 
 def _errors(codes: tuple[int, ...]) -> dict[str, Any]:
@@ -264,9 +287,7 @@ def _components() -> tuple[Mapping[tuple[type, str], Any], dict[str, Any]]:
         if operation.request is not None:
             wanted.append((operation.request, "validation"))
         for body in operation.ok:
-            wanted += [(m, "serialization") for m in (body.model, body.event) if m is not None]
-    if (r.TranscriptTextDone, "serialization") not in wanted:
-        wanted.append((r.TranscriptTextDone, "serialization"))
+            wanted += [(m, "serialization") for m in (body.model, *body.events) if m is not None]
     refs, definitions = models_json_schema(list(dict.fromkeys(wanted)), ref_template=REF)
     schemas = dict(definitions.get("$defs", {}))
     for operation in OPERATIONS.values():

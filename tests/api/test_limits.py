@@ -52,7 +52,8 @@ async def test_too_many_messages_is_400_naming_max_messages(start_app: AppFactor
     error = error_of(body)
     assert error["param"] == "messages"
     assert "max_messages" in error["message"]
-    assert "4" in error["message"] and "3" in error["message"]
+    assert "4" in error["message"]
+    assert "3" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -64,7 +65,8 @@ async def test_prompt_longer_than_max_prompt_chars_is_400_naming_it(start_app: A
     over = [{"role": "system", "content": "s" * 50}, {"role": "user", "content": [{"type": "text", "text": "u" * 51}]}]
     status, body = await post(client, "/v1/chat/completions", {"model": "chat", "messages": over, "stream": stream})
     assert status == 400
-    assert "max_prompt_chars" in error_of(body)["message"] and "101" in error_of(body)["message"]
+    assert "max_prompt_chars" in error_of(body)["message"]
+    assert "101" in error_of(body)["message"]
     status, body = await post(client, "/v1/completions", {"model": "chat", "prompt": "p" * 90, "suffix": "s" * 11})
     assert status == 400
     assert error_of(body)["param"] == "prompt"
@@ -103,7 +105,8 @@ async def test_max_tokens_that_cannot_fit_the_configured_context_is_400_before_q
         assert "64" in error["message"]
     status, body = await post(client, "/v1/completions", {"model": "chat", "prompt": "a", "max_tokens": 100})
     assert status == 400
-    assert "100" in error_of(body)["message"] and "64" in error_of(body)["message"]
+    assert "100" in error_of(body)["message"]
+    assert "64" in error_of(body)["message"]
     assert client.server.app[RUNTIME].pool("chat").instances == []  # refused without loading anything
 
 
@@ -117,7 +120,8 @@ async def test_prompt_plus_max_tokens_over_the_context_is_400_naming_both(start_
         assert error.value.code == "context_length_exceeded"
         assert error.value.param == "max_tokens"
         # the prompt is 12 fake tokens (<user>, ten words, <assistant>): 12 + 60 = 72 > 64
-        assert "64" in error.value.message and "72" in error.value.message
+        assert "64" in error.value.message
+        assert "72" in error.value.message
         fits = await api.chat.completions.create(model="chat", messages=user(ten_words), max_tokens=52)
         assert fits.choices[0].message.content == ten_words
         answer = await api.chat.completions.create(model="chat", messages=user(ten_words))  # no max_tokens: fits
