@@ -47,6 +47,7 @@ TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
         "engine": "gpt4all",
         "location": str(model_path("smollm2-gpt4all")),
         "context_size": 2048,
+        "device": {"threads": 1},  # ggml spin-waits: one thread holds up best on shared CPUs
     },
 }
 
