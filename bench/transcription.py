@@ -1,0 +1,221 @@
+"""Transcription speed: raw faster-whisper against the same model and settings behind lllmsd.
+
+Speed is given as "x real time" (seconds of audio transcribed per second of wall time; higher is better;
+its inverse is the usual real-time factor, RTF). On one ~85 s recording of synthesized speech:
+  (a) raw faster-whisper in-process: decode the uploaded bytes and transcribe, one file at a time;
+  (b) lllmsd over HTTP, one upload at a time (multipart, response_format json), min_instances 1;
+  (c) lllmsd over HTTP, 4 concurrent uploads, max_instances 2 (each instance on threads/2 CPU threads,
+      so two instances do not oversubscribe the cores): aggregate speed and the slowest request;
+and prints (b)/(a), what the daemon keeps of the engine's speed (target >= 0.9).
+
+The daemon runs in a child process (create_app on 127.0.0.1, a free port) so the client's work is not on
+the daemon's event loop. Rounds are interleaved so a neighbour's load hits every figure alike; the
+figures are medians. Needs espeak-ng (`make system-deps`).
+
+    .venv/bin/python bench/transcription.py [--model whisper-tiny-en] [--rounds 3] [--threads 2] [--beam 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.setup_models import model_path  # noqa: E402 - needs the checkout on sys.path first
+from tests.speech import long_speech  # noqa: E402
+
+CONCURRENT = 4
+
+
+def model(name: str, threads: int, beam: int, **options: Any) -> dict[str, Any]:
+    return {
+        "task": "speech-to-text",
+        "engine": "faster-whisper",
+        "location": str(model_path(name)),
+        "compute_type": "int8",
+        "beam_size": beam,
+        "vad_filter": False,
+        "device": {"threads": threads},
+        **options,
+    }
+
+
+# ----------------------------------------------------------------------------------------- (a) raw
+
+
+class RawEngine:
+    """faster-whisper in this process, with the settings the daemon's engine uses."""
+
+    def __init__(self, name: str, threads: int, beam: int) -> None:
+        from faster_whisper import WhisperModel
+
+        self.beam = beam
+        self.model = WhisperModel(
+            str(model_path(name)), device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True
+        )
+
+    def seconds(self, audio: bytes) -> float:
+        started = time.perf_counter()
+        segments, _ = self.model.transcribe(io.BytesIO(audio), beam_size=self.beam, vad_filter=False)
+        text = "".join(s.text for s in segments)  # the segments are lazy: this is where decoding happens
+        if not text.strip():
+            raise RuntimeError("the raw engine heard nothing")
+        return time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------------- (b), (c) daemon
+
+
+def _serve(models: dict[str, Any], pipe: Connection) -> None:
+    """Child process: run the daemon until the parent closes the pipe."""
+    from aiohttp import web
+
+    from lllmsd.app import create_app
+    from lllmsd.config import parse_config
+
+    async def main() -> None:
+        config = parse_config({"models": models, "cache_dir": str(ROOT / ".cache" / "bench")})
+        runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        pipe.send(port)
+        await asyncio.get_running_loop().run_in_executor(None, _until_closed, pipe)
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def _until_closed(pipe: Connection) -> None:
+    with contextlib.suppress(EOFError):  # the parent closed its end: time to stop
+        pipe.recv_bytes()
+
+
+async def _upload(session: Any, url: str, audio: bytes) -> float:
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("model", "stt")
+    form.add_field("file", audio, filename="speech.wav", content_type="audio/wav")
+    started = time.perf_counter()
+    async with session.post(url, data=form) as response:
+        body = await response.text()
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {body}")
+    return time.perf_counter() - started
+
+
+async def _uploads(port: int, audio: bytes, count: int) -> list[float]:
+    """``count`` concurrent uploads; each one's wall time, and the total last."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        started = time.perf_counter()
+        each = await asyncio.gather(*(_upload(session, url, audio) for _ in range(count)))
+        return [*each, time.perf_counter() - started]
+
+
+class Daemon:
+    """lllmsd serving one model ("stt") in a child process, for as long as this object is open."""
+
+    def __init__(self, stt: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=({"stt": stt}, child), daemon=True)
+        self._process.start()
+        if not self._pipe.poll(180):
+            self.close()
+            raise RuntimeError("the daemon did not start")
+        self.port = self._pipe.recv()
+
+    def uploads(self, audio: bytes, count: int = 1) -> list[float]:
+        return asyncio.run(_uploads(self.port, audio, count))
+
+    def close(self) -> None:
+        self._pipe.close()
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.terminate()
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def measure(args: argparse.Namespace, audio: bytes, duration: float) -> None:
+    raw = RawEngine(args.model, args.threads, args.beam)
+    single = Daemon(model(args.model, args.threads, args.beam, min_instances=1))
+    pair = Daemon(
+        model(args.model, max(args.threads // 2, 1), args.beam, min_instances=2, max_instances=2),
+    )
+    figures: dict[str, list[float]] = {"a": [], "b": [], "c": [], "c_slowest": []}
+    try:
+        raw.seconds(audio)  # warm-up: first-call allocations, page cache
+        single.uploads(audio)
+        pair.uploads(audio, 2)
+        for round_ in range(1, args.rounds + 1):
+            figures["a"].append(duration / raw.seconds(audio))
+            figures["b"].append(duration / single.uploads(audio)[-1])
+            *each, total = pair.uploads(audio, CONCURRENT)
+            figures["c"].append(CONCURRENT * duration / total)
+            figures["c_slowest"].append(max(each))
+            print(
+                f"round {round_}: (a) {figures['a'][-1]:5.1f}x  (b) {figures['b'][-1]:5.1f}x  "
+                f"(c) {figures['c'][-1]:5.1f}x aggregate, slowest request {max(each):5.1f}s",
+                flush=True,
+            )
+    finally:
+        single.close()
+        pair.close()
+    a, b, c, slowest = (statistics.median(figures[k]) for k in ("a", "b", "c", "c_slowest"))
+    print(f"(a) raw faster-whisper, one file:                 {a:6.1f}x real time (RTF {1 / a:.3f})")
+    print(f"(b) lllmsd, one upload at a time:                 {b:6.1f}x real time (RTF {1 / b:.3f})")
+    print(
+        f"(c) lllmsd, {CONCURRENT} concurrent uploads, max_instances 2: {c:6.1f}x real time aggregate "
+        f"(RTF {1 / c:.3f}), slowest request {slowest:.1f}s"
+    )
+    print(f"(b)/(a) = {b / a:.2f}   (target >= 0.9)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="whisper-tiny-en", choices=["whisper-tiny-en", "whisper-base"])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for (a) and (b); (c) uses half each")
+    parser.add_argument("--beam", type=int, default=5, help="beam size")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        wav = long_speech(Path(folder))
+        audio = wav.read_bytes()
+    from faster_whisper.audio import decode_audio
+
+    duration = len(decode_audio(io.BytesIO(audio))) / 16000
+    print(
+        f"{args.model}, int8, beam {args.beam}, {args.threads} threads; {duration:.1f}s of speech "
+        f"({len(audio) / 1e6:.1f} MB wav); {args.rounds} rounds; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    measure(args, audio, duration)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
