@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ONNX_FILES = ("onnx/model.onnx", "model.onnx")
 DEFAULT_MAX_SEQ_LENGTH = 512
+MIN_CHUNK = 32
 
 
 class SentenceTransformersEngine:
@@ -56,8 +57,9 @@ class SentenceTransformersEngine:
         self._counter.no_truncation()
         self._counter.no_padding()
         self._vocab_size = self._counter.get_vocab_size(with_added_tokens=True)
-        # inputs per engine call: the batcher sends at most this many; a larger request is cut up here
-        self._chunk = config.max_batch_size
+        # inputs per forward pass: a request larger than this is cut up here (by length, to pad little);
+        # never below MIN_CHUNK, so a model with batching off still encodes one big request efficiently
+        self._chunk = max(config.max_batch_size, MIN_CHUNK)
         log.info(
             "loaded %s (%s backend, %d dimensions, max %d tokens)", folder, config.backend, self.dimension,
             self.max_seq_length,
@@ -187,6 +189,8 @@ class _OnnxRunner:
         if threads is not None:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle onnxruntime threads spin by default, taking the CPU the event loop needs between batches
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(
             str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
         )
