@@ -107,7 +107,7 @@ class EmbeddingBatcher:
         self.window = window
         self.max_batch_size = max_batch_size
         self.max_waiting = max(max_waiting, 1)  # a lone request always gets in: it waits only for the window
-        self._pool = pool
+        self.pool = pool
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()  # a full batch is waiting, or flush() was called
         self._drainer: asyncio.Task[None] | None = None
@@ -215,7 +215,7 @@ class EmbeddingBatcher:
             await asyncio.wait_for(self._wake.wait(), self.window)
 
     async def _run_batch(self, taken: asyncio.Future[None]) -> None:
-        async with self._pool.acquire() as instance:
+        async with self.pool.acquire() as instance:
             batch = self._take()
             taken.set_result(None)
             if batch:

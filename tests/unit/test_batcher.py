@@ -20,7 +20,14 @@ from lllmsd.core.pool import ModelPool
 from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.fake import FakeEngine
-from lllmsd.errors import EngineError, InvalidRequest, ModelUnavailable, ShuttingDown, TooManyRequests
+from lllmsd.errors import (
+    EngineError,
+    InvalidRequest,
+    ModelUnavailable,
+    QueueTimeout,
+    ShuttingDown,
+    TooManyRequests,
+)
 
 DIMS = 8
 HOUR = 3600.0
@@ -265,6 +272,23 @@ async def test_a_model_that_cannot_load_fails_every_waiting_caller(make_batcher:
     batcher.flush()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, ModelUnavailable) for r in results), results
+
+
+async def test_callers_waiting_past_the_queue_timeout_all_get_it(make_batcher: MakeBatcher) -> None:
+    recorder = Recorder(gate=threading.Event())
+    batcher = make_batcher(recorder, window=0, queue_timeout=30)
+    pool, clock = batcher.pool, batcher.pool.clock
+    first = start(batcher, "first")
+    assert await asyncio.to_thread(recorder.started.wait, 10)
+    stuck = [start(batcher, "a"), start(batcher, "b")]  # the only instance is busy: they wait for it
+    await eventually(lambda: pool.waiting == 1)  # one pool waiter stands for the whole queue
+    clock.advance(31)  # type: ignore[attr-defined]
+    pool.reap()
+    results = await asyncio.gather(*stuck, return_exceptions=True)
+    assert all(isinstance(r, QueueTimeout) for r in results), results
+    recorder.gate.set()  # type: ignore[union-attr]
+    assert_vectors(await first, "first")
+    assert recorder.calls == [("first",)]
 
 
 async def test_too_many_waiting_requests_get_429(make_batcher: MakeBatcher) -> None:
