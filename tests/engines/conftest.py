@@ -41,7 +41,12 @@ async def load_instance(model: dict[str, Any]) -> ModelInstance:
 # Engine name -> a function giving the model dict (as in YAML) the text contract suite runs on.
 TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
     "fake": lambda: {"task": "text-completion", "engine": "fake"},
-    "llama-cpp": lambda: {"task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2"))},
+    "llama-cpp": lambda: {
+        "task": "text-completion",
+        "engine": "llama-cpp",
+        "location": str(model_path("smollm2")),
+        "device": {"threads": 1, "batch_threads": 1},  # ggml's spin-waiting crawls on busy shared cores
+    },
     "gpt4all": lambda: {
         "task": "text-completion",
         "engine": "gpt4all",

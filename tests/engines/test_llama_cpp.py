@@ -56,7 +56,14 @@ GREEDY = Sampling(temperature=0, max_tokens=12)
 
 
 def smollm2(**extra: Any) -> dict[str, Any]:
-    return {"task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2")), **extra}
+    # One thread each: on busy shared cores ggml's spin-waiting makes two threads many times slower.
+    return {
+        "task": "text-completion",
+        "engine": "llama-cpp",
+        "location": str(model_path("smollm2")),
+        "device": {"threads": 1, "batch_threads": 1},
+        **extra,
+    }
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
