@@ -24,6 +24,9 @@ class Speech:
     wav: Path
     mp3: Path
     ogg: Path
+    flac: Path
+    m4a: Path
+    webm: Path
     french_wav: Path
     duration: float  # seconds, of the English sentence
 
@@ -52,13 +55,30 @@ def make_speech(folder: Path, text: str = FOX) -> Speech:
     espeak, sox = _tool("espeak-ng"), _tool("sox")
     wav = folder / "speech.wav"
     _run(espeak, *VOICE, "-w", str(wav), text)
-    mp3, ogg = folder / "speech.mp3", folder / "speech.ogg"
-    _run(sox, str(wav), str(mp3))
-    _run(sox, str(wav), str(ogg))
+    sox_made = {kind: folder / f"speech.{kind}" for kind in ("mp3", "ogg", "flac")}
+    for path in sox_made.values():
+        _run(sox, str(wav), str(path))
+    m4a, webm = folder / "speech.m4a", folder / "speech.webm"
+    encode(wav, m4a, "ipod", "aac", 22050)  # AAC in MP4, what phones record
+    encode(wav, webm, "webm", "libopus", 48000)  # Opus in WebM, what browsers record
     french = folder / "french.wav"
     _run(espeak, *FRENCH_VOICE, "-w", str(french), FRENCH)
     duration = float(_run(_tool("soxi"), "-D", str(wav)).strip())
-    return Speech(wav=wav, mp3=mp3, ogg=ogg, french_wav=french, duration=duration)
+    return Speech(wav=wav, **sox_made, m4a=m4a, webm=webm, french_wav=french, duration=duration)
+
+
+def encode(source: Path, target: Path, container: str, codec: str, rate: int) -> None:
+    """Re-encode with PyAV's bundled FFmpeg (sox has no AAC or WebM)."""
+    import av
+
+    with av.open(str(source)) as inp, av.open(str(target), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        resampler = av.AudioResampler(format=stream.codec_context.format or "fltp", layout="mono", rate=rate)
+        frames = [*inp.decode(audio=0), None]  # None flushes the resampler
+        for frame in frames:
+            for resampled in resampler.resample(frame):
+                out.mux(stream.encode(resampled))
+        out.mux(stream.encode(None))
 
 
 # Distinct sentences: repeated text makes Whisper's compression-ratio check fail, and the random
