@@ -360,6 +360,8 @@ class LlamaCppEngine:
 
     @classmethod
     def check_task(cls, config: LlamaCppModelConfig, task: Task) -> None:
+        if isinstance(task, ChatTask | CompletionTask) and config.task is ModelTask.EMBEDDING:
+            raise UnsupportedTask("this model is configured for embedding, not text-completion")
         if isinstance(task, ChatTask):
             cls._check_chat(config, task)
         elif isinstance(task, CompletionTask):
