@@ -22,7 +22,7 @@ MODEL_PACKAGES := \
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models serve test test-fast lint bench clean system-deps install-service
+.PHONY: install models serve test test-fast lint bench fuzz clean system-deps install-service
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ lint: $(STAMP)
 
 bench: install
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+# A long fuzzing run of every route from /openapi.json (the suite runs a few examples: tests/api/test_fuzz.py)
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	$(PY) bench/fuzz.py --examples $(FUZZ_EXAMPLES) --llama
 
 # The system service (docs/systemd.md): the daemon in its own virtualenv under /opt (the unit's
 # ProtectHome= hides home folders, so it cannot run from a checkout there), the unit, and a config
