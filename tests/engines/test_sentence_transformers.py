@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 
-from lllmsd.config import ConfigError
+from lllmsd.config import ConfigError, parse_config
 from lllmsd.core.tasks import EmbeddingTask
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.sentence_transformers import SentenceTransformersEngine
 from lllmsd.errors import ModelUnavailable
+from tests.conftest import AppFactory, sdk
 from tests.engines.conftest import EMBEDDING_MODELS, model_config
+from tests.engines.test_embedding_contract import PARAPHRASE, folder_tokenizer
 from tests.setup_models import model_path
 
 pytestmark = pytest.mark.engines
@@ -96,3 +99,30 @@ def test_config_mistakes(options: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         model_config({**EMBEDDING_MODELS["st-torch"](), **options})
 
+
+
+@pytest.mark.parametrize("name", ["st-torch", "st-onnx"])
+async def test_the_official_sdk_against_the_real_model(start_app: AppFactory, name: str) -> None:
+    """The whole daemon on the real model: what an OpenAI client sees."""
+    model = EMBEDDING_MODELS[name]()
+    client = await start_app(parse_config({"models": {"minilm": model}}))
+    tokenize = folder_tokenizer(model)
+    async with sdk(client) as api:
+        default = await api.embeddings.create(model="minilm", input=list(PARAPHRASE))  # base64 on the wire
+        floats = await api.embeddings.create(model="minilm", input=list(PARAPHRASE), encoding_format="float")
+        short = await api.embeddings.create(model="minilm", input=PARAPHRASE[0], dimensions=64)
+        ids = tokenize(PARAPHRASE[1].lower())
+        by_ids = await api.embeddings.create(model="minilm", input=ids, encoding_format="float")
+        with pytest.raises(openai.BadRequestError, match="385"):
+            await api.embeddings.create(model="minilm", input="x", dimensions=385)
+        with pytest.raises(openai.BadRequestError, match="vocabulary"):
+            await api.embeddings.create(model="minilm", input=[[101, 999_999, 102]])
+    assert [d.embedding for d in default.data] == [d.embedding for d in floats.data]
+    bread, food, stocks = (np.asarray(d.embedding) for d in floats.data)
+    assert bread @ food > bread @ stocks + 0.3
+    assert default.usage.prompt_tokens == sum(len(tokenize(text)) for text in PARAPHRASE)
+    vector = np.asarray(short.data[0].embedding)
+    assert vector.shape == (64,)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert np.asarray(by_ids.data[0].embedding) @ food > 0.999
+    assert by_ids.usage.prompt_tokens == len(ids)
