@@ -71,7 +71,8 @@ class ModelNotFound(LllmsdError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist", param="model")
+        shown = model if len(model) <= 200 else f"{model[:200]}..."  # an absurd id is not echoed whole
+        super().__init__(f"The model '{shown}' does not exist", param="model")
         self.model = model
 
 

@@ -96,9 +96,16 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     finally:
         log.info(
             "%s %s model=%s status=%d duration=%.3fs request_id=%s",
-            request.method, request.path, request.get(MODEL, "-"), status,
+            request.method, _loggable(request.path), _loggable(request.get(MODEL, "-")), status,
             time.perf_counter() - started, request_id,
         )
+
+
+def _loggable(value: str, limit: int = 200) -> str:
+    """A client-chosen string (a model id, a path) fit for one log line: control characters escaped, so
+    it cannot forge log lines, and clipped, so a megabyte-long model id is not a megabyte of log."""
+    escaped = value.encode("unicode_escape").decode("ascii") if not value.isprintable() else value
+    return escaped if len(escaped) <= limit else f"{escaped[:limit]}...({len(escaped)} chars)"
 
 
 @web.middleware

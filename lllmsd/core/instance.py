@@ -205,7 +205,7 @@ class ModelInstance:
             if not engine_call:
                 raise
             self.mark_failed(exc)
-            raise EngineError(f"the engine failed: {type(exc).__name__}: {exc}") from exc
+            raise self._engine_error(exc) from exc
 
     async def _stream(self, method: Callable[..., Iterator[Any]], task: Any) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
@@ -237,13 +237,19 @@ class ModelInstance:
                     if isinstance(item.exc, LllmsdError):
                         raise item.exc
                     self.mark_failed(item.exc)
-                    raise EngineError(f"the engine failed: {type(item.exc).__name__}: {item.exc}") from item.exc
+                    raise self._engine_error(item.exc) from item.exc
                 yield item
         finally:
             cancel.set()
             # The worker stops within one token now. Waiting for it keeps one call at a time on the
             # engine; the single-thread executor guarantees that even if this wait is itself cancelled.
             await asyncio.shield(future)
+
+    def _engine_error(self, exc: BaseException) -> EngineError:
+        """What the client is told: the exception's type only. Its text can hold paths, prompts of other
+        requests or credentials an engine library put there, so it goes to the log (and GET /) only."""
+        log.error("instance %s: the engine failed", self.id, exc_info=exc)
+        return EngineError(f"the engine failed ({type(exc).__name__}); the daemon logged the details")
 
     # ---------------------------------------------------------------------------------------- status
 

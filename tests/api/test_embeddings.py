@@ -202,5 +202,5 @@ async def test_an_engine_failure_is_a_500_envelope_for_every_caller(start_app: A
     client = await start_app(make_config({"emb": embedding_model()}), engines={"fake": Broken})
     answers = await asyncio.gather(*(post(client, {"model": "emb", "input": f"x{i}"}) for i in range(3)))
     for status, body in answers:
-        assert_error(status, body, 500, None, "the weights are gone")
+        assert_error(status, body, 500, None, "RuntimeError")  # the type only: the text stays in the log
         assert body["error"]["code"] == "engine_error"
