@@ -13,6 +13,7 @@ from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import CONFIG, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
 from lllmsd.api.middleware import error_middleware, request_context_middleware
+from lllmsd.api.openapi import setup_openapi
 from lllmsd.config import DaemonConfig
 from lllmsd.core.clock import Clock
 from lllmsd.core.runtime import Runtime
@@ -53,6 +54,7 @@ def create_app(
 
     app.cleanup_ctx.append(runtime_lifecycle)
     _add_routes(app)
+    setup_openapi(app)  # last: it documents the routes it finds
     return app
 
 
