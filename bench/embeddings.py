@@ -63,7 +63,7 @@ class RawEngine:
         config = parse_config({"models": {"m": model(backend)}}).models["m"]
         self.engine = SentenceTransformersEngine(config, ModelFiles(Path(config.location)))
         self.batches = [tuple(SENTENCES[i : i + RAW_BATCH]) for i in range(0, len(SENTENCES), RAW_BATCH)]
-        self.rate(0)  # warm-up
+        self.rate(1.0)  # warm-up, as long as the daemon clients get
 
     def rate(self, seconds: float) -> float:
         from lllmsd.core.tasks import EmbeddingTask
