@@ -20,9 +20,11 @@ Choices made here, and why:
 - Defaults for values a request leaves out: OpenAI's temperature 1 and top_p 1; llama.cpp's top_k 40 and
   min_p 0.05 (a small model at temperature 1 without any truncation rambles); no penalties; completions
   generate 16 tokens (OpenAI's default), chat until the model stops or the context is full.
-- Threads: ``device.threads`` / ``device.batch_threads``; left out, llama-cpp-python's own defaults apply
-  (half the cores for generation, all for prompt evaluation): on 2 cores that is 1 and 2, the fastest
-  per-instance setting measured (shared/MODELS.md).
+- Threads: ``device.threads`` / ``device.batch_threads``; left out, each instance gets its share of the
+  cores, ``cores // max_instances`` (at least 1), for prompt evaluation, and at most half the cores for
+  generation (llama-cpp-python's own choice, the fastest measured on 2 cores: shared/MODELS.md). So one
+  instance on 2 cores uses 1 and 2 threads; two instances sharing them use 1 and 1: ggml threads
+  spin-wait, and two instances each asking for both cores slow each other down (bench/chat_throughput.py).
 - Context: ``context_size`` or min(the model's training context, 4096) for text; for embeddings the whole
   context is one batch (pooling needs a sequence in one batch), so the default is smaller (2048).
 
@@ -35,6 +37,7 @@ import codecs
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -299,6 +302,26 @@ class Candidate:
         return self.outcome.logprob_sum / self.outcome.tokens
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_batch_threads(max_instances: int, cores: int | None = None) -> int:
+    """Prompt-evaluation threads of one instance: its share of the cores when instances run at once."""
+    return max(1, (cores or usable_cores()) // max(1, max_instances))
+
+
+def default_threads(max_instances: int, cores: int | None = None) -> int:
+    """Generation threads of one instance: its share, and at most half the cores (token-by-token
+    decoding is memory-bound; more threads mostly spin)."""
+    cores = cores or usable_cores()
+    return max(1, min(cores // 2, default_batch_threads(max_instances, cores)))
+
+
 def seed_for(sampling: Sampling, choice: int) -> int:
     # Each choice gets its own stream, reproducible when the request gave a seed.
     if sampling.seed is None:
@@ -325,8 +348,8 @@ class LlamaCppEngine:
             n_ctx=context,
             n_batch=batch,
             n_ubatch=batch,
-            n_threads=config.device.threads,
-            n_threads_batch=config.device.batch_threads,
+            n_threads=config.device.threads or default_threads(config.max_instances),
+            n_threads_batch=config.device.batch_threads or default_batch_threads(config.max_instances),
             embedding=self.embedding,
             pooling_type=POOLING_MEAN if self.embedding else POOLING_UNSPECIFIED,
             verbose=False,

@@ -27,6 +27,7 @@ from lllmsd.core.tasks import (
     ToolSpec,
     collect_generation,
 )
+from lllmsd.engines.llama_cpp import default_batch_threads, default_threads
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 from tests.engines.conftest import load_instance
 from tests.setup_models import model_path
@@ -400,6 +401,36 @@ async def test_preload_fills_the_cache() -> None:
         messages = (ChatMessage("system", system), ChatMessage("user", "Hello!"))
         _, result = await run(instance, ChatTask(messages, Sampling(max_tokens=4)))
         assert result.usage.cached_tokens >= preloaded - 1
+    finally:
+        await instance.dispose()
+
+
+# ----------------------------------------------------------------------------------------- threads
+
+
+async def test_default_threads_divide_the_cores_between_instances() -> None:
+    # One instance: half the cores to generate, all to evaluate prompts (llama-cpp-python's choice).
+    assert (default_threads(1, cores=2), default_batch_threads(1, cores=2)) == (1, 2)
+    assert (default_threads(1, cores=8), default_batch_threads(1, cores=8)) == (4, 8)
+    # Instances sharing the cores: each its share, at least one thread.
+    assert (default_threads(2, cores=2), default_batch_threads(2, cores=2)) == (1, 1)
+    assert (default_threads(2, cores=8), default_batch_threads(2, cores=8)) == (4, 4)
+    assert (default_threads(3, cores=8), default_batch_threads(3, cores=8)) == (2, 2)
+    assert (default_threads(4, cores=2), default_batch_threads(4, cores=2)) == (1, 1)
+
+
+async def test_threads_come_from_the_device_or_the_instance_count() -> None:
+    shared = {k: v for k, v in smollm2(max_instances=2).items() if k != "device"}
+    instance = await load_instance(shared)
+    try:
+        llama = instance._engine._llama
+        assert (llama.n_threads, llama.n_threads_batch) == (default_threads(2), default_batch_threads(2))
+    finally:
+        await instance.dispose()
+    instance = await load_instance(smollm2(max_instances=2, device={"threads": 3, "batch_threads": 2}))
+    try:
+        llama = instance._engine._llama
+        assert (llama.n_threads, llama.n_threads_batch) == (3, 2)
     finally:
         await instance.dispose()
 
