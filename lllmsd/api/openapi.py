@@ -266,10 +266,15 @@ def _sse_event(payloads: list[Any]) -> dict[str, Any]:
             "id": {"type": "string"},
             "retry": {"type": "integer"},
             "data": {
-                "type": "string",
-                "contentMediaType": "application/json",
-                "contentSchema": {"oneOf": [*payloads, envelope]},
-                "description": "JSON text of one event; a chat or completion stream ends with the text [DONE].",
+                "anyOf": [
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"oneOf": [*payloads, envelope]},
+                        "description": "JSON text of one event.",
+                    },
+                    {"const": "[DONE]", "description": "The last event of a chat or completion stream."},
+                ]
             },
         },
     }

@@ -110,14 +110,14 @@ def operations(schema: Any, prefixes: tuple[str, ...] = ("/v1", "/openai/v1", "/
             yield operation
 
 
-def _with_model(model_ids: list[str], edit: CaseEdit | None) -> Callable[[tuple[Any, str | None]], Any]:
+def _with_model(model_ids: list[str], edit: CaseEdit | None, mode: str) -> Callable[[tuple[Any, str | None]], Any]:
     """Most cases name a configured model (else nearly every request is a 404); some keep their own."""
 
     def apply(drawn: tuple[Any, str | None]) -> Any:
         case, model = drawn
-        # only a model that is a non-empty string: another value may be the very thing negative data breaks
-        if model is not None and isinstance(case.body, dict) and isinstance(case.body.get("model"), str) \
-                and case.body["model"]:
+        current = case.body.get("model") if isinstance(case.body, dict) else None
+        # in negative data, an empty or non-string model may be the very thing that makes it invalid
+        if model is not None and isinstance(current, str) and (current or mode == "positive"):
             case.body["model"] = model
         if edit is not None:
             edit(case)
@@ -155,7 +155,7 @@ def fuzz_operation(
         suppress_health_check=list(hypothesis.HealthCheck),
         phases=[hypothesis.Phase.generate],  # report every failure found, do not spend time shrinking
     )
-    @hypothesis.given(strategy.map(_with_model(model_ids, edit)))
+    @hypothesis.given(strategy.map(_with_model(model_ids, edit, mode)))
     def run(case: Any) -> None:
         try:
             case.call_and_validate(base_url=url, session=session, checks=checks, timeout=REQUEST_TIMEOUT)

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lllmsd.api.schemas.common import WireRequest, response_id, system_fingerprint
 from lllmsd.core.tasks import (
@@ -56,7 +56,67 @@ class ToolCallWire(WireRequest):
     function: FunctionCallWire
 
 
+# ------------------------------------------------------------------------- JSON Schema of the validators
+# The model validators below check things a type cannot say. These additions say them in the JSON Schema
+# too (GET /openapi.json), so the document describes what is accepted and generated requests (fuzzing,
+# client code generators) are not refused for reasons the document hides. Validation is unchanged.
+
+JsonSchema = dict[str, Any]
+
+
+def _when(condition: JsonSchema, then: JsonSchema) -> JsonSchema:
+    return {"if": condition, "then": then}
+
+
+def _present(name: str, schema: JsonSchema) -> JsonSchema:
+    return {"required": [name], "properties": {name: schema}}
+
+
+def _add_rules(*rules: JsonSchema) -> Any:
+    def extra(schema: JsonSchema) -> None:
+        schema.setdefault("allOf", []).extend(rules)
+
+    return extra
+
+
+def _array_branch(*, min_items: int | None = None, max_items: int | None = None, item: JsonSchema | None = None) -> Any:
+    """Constraints for the array option of a ``str | list[...]`` field."""
+
+    def extra(schema: JsonSchema) -> None:
+        for option in schema.get("anyOf", [schema]):
+            if option.get("type") == "array":
+                option.update({k: v for k, v in (("minItems", min_items), ("maxItems", max_items)) if v is not None})
+                option["items"] = {**option.get("items", {}), **(item or {})}
+            elif option.get("type") == "string" and item:
+                option.update(item)
+
+    return extra
+
+
+def _token_map(schema: JsonSchema) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "object":
+            option["propertyNames"] = {"pattern": r"^-?[0-9]+$"}
+            option["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
+
+
+_STREAM_OPTIONS_NEED_STREAM = _when(_present("stream_options", {"type": "object"}), _present("stream", {"const": True}))
+
+
 class MessageWire(WireRequest):
+    model_config = ConfigDict(
+        json_schema_extra=_add_rules(
+            {
+                "if": {"properties": {"role": {"const": "assistant"}}},
+                "else": _present("content", {"not": {"type": "null"}}),
+            },
+            _when(
+                {"properties": {"role": {"const": "tool"}}},
+                _present("tool_call_id", {"type": "string", "minLength": 1}),
+            ),
+        )
+    )
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -145,11 +205,13 @@ class SamplingWire(WireRequest):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        None, json_schema_extra=_array_branch(max_items=MAX_STOP, item={"minLength": 1})
+    )
     seed: int | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_token_map)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -218,6 +280,17 @@ class SamplingWire(WireRequest):
 
 
 class ChatCompletionRequest(SamplingWire):
+    model_config = ConfigDict(
+        json_schema_extra=_add_rules(
+            _STREAM_OPTIONS_NEED_STREAM,
+            _when(_present("top_logprobs", {"type": "integer"}), _present("logprobs", {"const": True})),
+            _when(
+                _present("tool_choice", {"enum": ["auto", "required"]}),
+                _present("tools", {"type": "array", "minItems": 1}),
+            ),
+        )
+    )
+
     model: str
     messages: list[MessageWire] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -277,8 +350,21 @@ class ChatCompletionRequest(SamplingWire):
 
 
 class CompletionRequest(SamplingWire):
+    model_config = ConfigDict(
+        json_schema_extra=_add_rules(
+            _STREAM_OPTIONS_NEED_STREAM,
+            _when(
+                {
+                    "required": ["best_of", "stream"],
+                    "properties": {"best_of": {"minimum": 2}, "stream": {"const": True}},
+                },
+                {"not": {}},  # best_of cannot be streamed
+            ),
+        )
+    )
+
     model: str
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra=_array_branch(min_items=1, max_items=1))
     max_tokens: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool = False
