@@ -253,7 +253,7 @@ class EmbeddingBatcher:
             return
         except Exception as exc:  # a bug below us must still reach every caller as a clear error
             log.exception("%s: embedding batch failed", self.model_id)
-            self._fail(batch, EngineError(f"embedding failed: {type(exc).__name__}: {exc}"))
+            self._fail(batch, EngineError(f"embedding failed ({type(exc).__name__}); the daemon logged the details"))
             return
         self._distribute(batch, result)
 
@@ -310,7 +310,8 @@ def _batch_error(batch: asyncio.Task[None]) -> BaseException:
     error = batch.exception()
     if isinstance(error, LllmsdError):
         return error
-    return EngineError(f"embedding failed: {type(error).__name__}: {error}")
+    log.error("embedding batch failed before it ran", exc_info=error)
+    return EngineError(f"embedding failed ({type(error).__name__}); the daemon logged the details")
 
 
 __all__: Sequence[str] = ("EmbeddingBatcher", "check_dimensions", "shorten")
