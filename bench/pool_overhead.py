@@ -30,6 +30,7 @@ import yaml
 
 from lllmsd.config import parse_config
 from lllmsd.core.clock import SystemClock
+from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.tasks import ChatMessage, ChatTask, Sampling, collect_generation
 from lllmsd.engines.base import ModelFiles
@@ -63,7 +64,7 @@ async def bench_pool(n: int) -> list[float]:
     async def files() -> ModelFiles:
         return ModelFiles(None)
 
-    pool = ModelPool("chat", config, FakeEngine, files=files, limiter=asyncio.Semaphore(2), clock=SystemClock())
+    pool = ModelPool("chat", config, FakeEngine, files=files, limiter=ConcurrencyLimit(2), clock=SystemClock())
     samples = []
     try:
         for _ in range(n):

@@ -29,6 +29,7 @@ from typing import Any
 
 from lllmsd.core.clock import Clock
 from lllmsd.core.instance import InstanceState, ModelInstance, instance_ids
+from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.tasks import EMPTY_CONTEXT, Context, Preload
 from lllmsd.engines.base import ModelFiles
 from lllmsd.errors import (
@@ -60,7 +61,7 @@ class ModelPool:
         engine_class: type,
         *,
         files: FilesProvider,
-        limiter: asyncio.Semaphore,
+        limiter: ConcurrencyLimit,
         clock: Clock,
         preload: Preload | None = None,
     ) -> None:

@@ -18,6 +18,7 @@ from lllmsd.config import DaemonConfig
 from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import Clock, SystemClock
 from lllmsd.core.instance import InstanceState
+from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
 from lllmsd.core.tasks import ModelTask
@@ -69,7 +70,7 @@ class Runtime:
         self.store = store or ModelStore(config.cache_dir, base_dir=base_dir, clock=self.clock)
         self._engine_overrides = dict(engine_classes or {})
         self._reap_interval = reap_interval
-        self.limiter = asyncio.Semaphore(config.concurrency)
+        self.limiter = ConcurrencyLimit(config.concurrency)
         self.pools: dict[str, ModelPool] = {}
         # embedding models' batchers, made on first use; keyed by pool so a reloaded model gets a new one
         self._batchers: dict[ModelPool, EmbeddingBatcher] = {}
@@ -241,7 +242,7 @@ class Runtime:
             }
         return {
             "uptime_seconds": round(self.clock.wall() - self.started_at, 3),
-            "concurrency": {"limit": self.config.concurrency, "in_use": self.config.concurrency - self.limiter._value},
+            "concurrency": {"limit": self.config.concurrency, "in_use": self.limiter.in_use},
             "models": models,
             # the previous configuration of removed or changed models, until its last request ends
             "retiring": [{"model": pool.model_id, **pool.status()} for pool in self.retiring],

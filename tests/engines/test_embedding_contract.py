@@ -24,6 +24,7 @@ import pytest_asyncio
 from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import SystemClock
 from lllmsd.core.instance import ModelInstance
+from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
 from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
@@ -216,7 +217,7 @@ async def test_32_concurrent_requests_through_the_batcher_each_get_their_own(sub
         return await store.files("m", config)
 
     engine_class = await asyncio.to_thread(ENGINES[config.engine].load_class)
-    pool = ModelPool("m", config, engine_class, files=files, limiter=asyncio.Semaphore(2), clock=SystemClock())
+    pool = ModelPool("m", config, engine_class, files=files, limiter=ConcurrencyLimit(2), clock=SystemClock())
     batcher = EmbeddingBatcher("m", pool, window=0.005, max_batch_size=32, max_waiting=64)
     try:
         results = await asyncio.gather(*(batcher.embed(EmbeddingTask(inputs=(text,))) for text in texts))

@@ -16,6 +16,7 @@ import pytest
 from lllmsd.config import parse_config
 from lllmsd.core.batcher import EmbeddingBatcher, check_dimensions, shorten
 from lllmsd.core.clock import ManualClock
+from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
 from lllmsd.engines.base import ModelFiles
@@ -87,7 +88,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
 
         config = model(**options)
         pool = ModelPool(
-            "emb", config, recorder.engine_class(), files=files, limiter=asyncio.Semaphore(4), clock=ManualClock()
+            "emb", config, recorder.engine_class(), files=files, limiter=ConcurrencyLimit(4), clock=ManualClock()
         )
         batcher = EmbeddingBatcher("emb", pool, window=window, max_batch_size=max_batch_size, max_waiting=max_waiting)
         pools.append(pool)
