@@ -261,6 +261,7 @@ class ModelInstance:
             "state": self.state.value,
             "context_tokens": self.cached_tokens,
             "created": round(self.created_wall),
+            "last_used": round(self.created_wall + (self.last_used - self.created_at)),
             "age_seconds": round(now - self.created_at, 3),
             "idle_seconds": round(now - self.last_used, 3) if self.state is InstanceState.IDLE else 0,
             "requests_served": self.requests_served,

@@ -19,11 +19,14 @@ GATE_LIMIT = 30.0  # a forgotten gate must not hang the test run
 
 
 class Probe:
-    def __init__(self, *, gated: bool = False) -> None:
+    def __init__(self, *, gated: bool = False, load_gated: bool = False) -> None:
         self.lock = threading.Lock()
         self.gate = threading.Event()
         if not gated:
             self.gate.set()
+        self.load_gate = threading.Event()  # loads of models configured with a load_delay wait here
+        if not load_gated:
+            self.load_gate.set()
         self.created = 0
         self.closed = 0
         self.active = 0
@@ -36,6 +39,8 @@ class Probe:
 
         class ProbedFake(FakeEngine):
             def __init__(self, config: Any, files: Any) -> None:
+                if config.load_delay and not probe.load_gate.wait(GATE_LIMIT):
+                    raise TimeoutError("probe load gate never opened")
                 super().__init__(config, files)
                 with probe.lock:
                     probe.created += 1

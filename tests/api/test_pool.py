@@ -85,6 +85,25 @@ async def test_global_concurrency_caps_engine_calls_across_models(start_app: App
     assert probe.peak == 1
 
 
+async def test_a_loading_model_blocks_neither_status_nor_other_models(start_app: AppFactory) -> None:
+    probe = Probe(load_gated=True)
+    config = make_config({"slow": fake_model(load_delay=0.001), "fast": fake_model()})
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    waiting = asyncio.ensure_future(chat(client, user("patience"), model="slow"))
+    await eventually(lambda: states(client, "slow") == ["loading"])
+    model = (await status(client))["models"]["slow"]
+    assert (model["state"], model["waiting"]) == ("loading", 1)
+    code, body, _ = await chat(client, user("quick"), model="fast")
+    assert code == 200
+    assert body["choices"][0]["message"]["content"] == "quick"
+    assert states(client, "slow") == ["loading"]
+    probe.load_gate.set()
+    code, body, _ = await waiting
+    assert code == 200
+    instance = (await status(client))["models"]["slow"]["instances"][0]
+    assert instance["last_used"] >= instance["created"]
+
+
 # ------------------------------------------------------------------------------------------ ttl
 
 
