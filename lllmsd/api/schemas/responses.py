@@ -275,6 +275,7 @@ class InstanceStatus(_Body):
     state: Literal["loading", "idle", "busy", "error", "closed"]
     context_tokens: int
     created: int
+    last_used: int
     age_seconds: float
     idle_seconds: float
     requests_served: int
