@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from child_daemon import ChildDaemon  # noqa: E402 - bench/ is the script's folder: its sibling module
 
 from tests.setup_models import model_path  # noqa: E402 - needs the checkout on sys.path first
 
@@ -83,34 +81,6 @@ class RawEngine:
 # ----------------------------------------------------------------------------------- (b), (c) daemon
 
 
-def _serve(models: dict[str, Any], pipe: Connection) -> None:
-    """Child process: run the daemon until the parent closes the pipe."""
-    from aiohttp import web
-
-    from lllmsd.app import create_app
-    from lllmsd.config import parse_config
-
-    async def main() -> None:
-        config = parse_config({"models": models, "cache_dir": str(ROOT / ".cache" / "bench")})
-        runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        pipe.send(port)
-        await asyncio.get_running_loop().run_in_executor(None, _until_closed, pipe)
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
-def _until_closed(pipe: Connection) -> None:
-    with contextlib.suppress(EOFError):  # the parent closed its end: time to stop
-        pipe.recv_bytes()
-
-
 async def _client_rate(port: int, seconds: float) -> float:
     import aiohttp
 
@@ -148,27 +118,14 @@ async def _client_rate(port: int, seconds: float) -> float:
         return done / (time.perf_counter() - started)
 
 
-class Daemon:
-    """lllmsd serving one model in a child process, for as long as this object is open."""
+class Daemon(ChildDaemon):
+    """lllmsd serving one embedding model ("emb") in a child process."""
 
     def __init__(self, backend: str, **options: Any) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=({"emb": model(backend, **options)}, child), daemon=True)
-        self._process.start()
-        if not self._pipe.poll(180):
-            self.close()
-            raise RuntimeError("the daemon did not start")
-        self.port = self._pipe.recv()
+        super().__init__({"emb": model(backend, **options)})
 
     def rate(self, seconds: float) -> float:
         return asyncio.run(_client_rate(self.port, seconds))
-
-    def close(self) -> None:
-        self._pipe.close()
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.terminate()
 
 
 # --------------------------------------------------------------------------------------------- main

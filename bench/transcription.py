@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from child_daemon import ChildDaemon  # noqa: E402 - bench/ is the script's folder: its sibling module
 
 from tests.setup_models import model_path  # noqa: E402 - needs the checkout on sys.path first
 from tests.speech import long_speech  # noqa: E402
@@ -83,34 +81,6 @@ class RawEngine:
 # ----------------------------------------------------------------------------------- (b), (c) daemon
 
 
-def _serve(models: dict[str, Any], pipe: Connection) -> None:
-    """Child process: run the daemon until the parent closes the pipe."""
-    from aiohttp import web
-
-    from lllmsd.app import create_app
-    from lllmsd.config import parse_config
-
-    async def main() -> None:
-        config = parse_config({"models": models, "cache_dir": str(ROOT / ".cache" / "bench")})
-        runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        pipe.send(port)
-        await asyncio.get_running_loop().run_in_executor(None, _until_closed, pipe)
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
-def _until_closed(pipe: Connection) -> None:
-    with contextlib.suppress(EOFError):  # the parent closed its end: time to stop
-        pipe.recv_bytes()
-
-
 async def _upload(session: Any, url: str, audio: bytes) -> float:
     import aiohttp
 
@@ -136,18 +106,11 @@ async def _uploads(port: int, audio: bytes, count: int) -> list[float]:
         return [*each, time.perf_counter() - started]
 
 
-class Daemon:
-    """lllmsd serving one model ("stt") in a child process, for as long as this object is open."""
+class Daemon(ChildDaemon):
+    """lllmsd serving one speech-to-text model ("stt") in a child process."""
 
     def __init__(self, stt: dict[str, Any]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=({"stt": stt}, child), daemon=True)
-        self._process.start()
-        if not self._pipe.poll(180):
-            self.close()
-            raise RuntimeError("the daemon did not start")
-        self.port = self._pipe.recv()
+        super().__init__({"stt": stt})
 
     def uploads(self, audio: bytes, count: int = 1) -> tuple[list[float], float]:
         """Each upload's wall time and the total (last), and the CPU seconds the daemon spent on them."""
@@ -157,14 +120,8 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the daemon process, all its threads (Linux /proc)."""
-        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        self._pipe.close()
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.terminate()
 
 
 # --------------------------------------------------------------------------------------------- main
