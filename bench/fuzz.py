@@ -54,14 +54,21 @@ def main() -> int:
 
         models = {
             "smol": {
-                "task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2")),
-                "context_size": 256, "device": {"threads": 1, "batch_threads": 1},
+                "task": "text-completion",
+                "engine": "llama-cpp",
+                "location": str(model_path("smollm2")),
+                "context_size": 256,
+                "device": {"threads": 1, "batch_threads": 1},
             }
         }
         with DaemonThread(make_config(models)) as daemon:
             failures += fuzz(
-                daemon, ["smol"], max(args.examples // 5, 10), args.seed,
-                edit=small_generation, prefixes=("/v1/chat", "/v1/completions"),
+                daemon,
+                ["smol"],
+                max(args.examples // 5, 10),
+                args.seed,
+                edit=small_generation,
+                prefixes=("/v1/chat", "/v1/completions"),
             )
     print(f"\n{failures} failures")
     return 1 if failures else 0

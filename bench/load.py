@@ -75,9 +75,7 @@ def check(kind: str, n: int, status: int, payload: Any, exact: bool) -> str:
         events = [line.removeprefix("data: ") for line in payload.split("\n") if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
             return "wrong"
-        text = "".join(
-            (json.loads(e)["choices"] or [{}])[0].get("delta", {}).get("content") or "" for e in events[:-1]
-        )
+        text = "".join((json.loads(e)["choices"] or [{}])[0].get("delta", {}).get("content") or "" for e in events[:-1])
         return "ok" if (text == words or not exact) and text else "wrong"
     if kind == "chat":
         text = payload["choices"][0]["message"]["content"]
@@ -89,7 +87,13 @@ def check(kind: str, n: int, status: int, payload: Any, exact: bool) -> str:
 
 
 async def run_load(
-    url: str, total: int, concurrency: int, text_model: str, embedding_model: str, *, exact: bool,
+    url: str,
+    total: int,
+    concurrency: int,
+    text_model: str,
+    embedding_model: str,
+    *,
+    exact: bool,
     max_tokens: int | None = None,
 ) -> tuple[Outcome, float]:
     outcome = Outcome()
@@ -162,8 +166,16 @@ def report(name: str, total: int, outcome: Outcome, elapsed: float, rss: tuple[i
 
 
 async def scenario(
-    name: str, models: dict[str, Any], text_model: str, embedding_model: str, total: int, concurrency: int, *,
-    daemon_concurrency: int, exact: bool, max_tokens: int | None = None,
+    name: str,
+    models: dict[str, Any],
+    text_model: str,
+    embedding_model: str,
+    total: int,
+    concurrency: int,
+    *,
+    daemon_concurrency: int,
+    exact: bool,
+    max_tokens: int | None = None,
 ) -> bool:
     daemon = Daemon(models, concurrency=daemon_concurrency)
     async with daemon as url:
@@ -171,8 +183,9 @@ async def scenario(
         pid = daemon.process.pid
         start = rss_kib(pid)
         # warm-up: instances loaded, imports and caches filled, so what follows measures growth, not start-up
-        await run_load(url, max(total // 10, 20), concurrency, text_model, embedding_model, exact=exact,
-                       max_tokens=max_tokens)
+        await run_load(
+            url, max(total // 10, 20), concurrency, text_model, embedding_model, exact=exact, max_tokens=max_tokens
+        )
         before = rss_kib(pid)
         outcome, elapsed = await run_load(
             url, total, concurrency, text_model, embedding_model, exact=exact, max_tokens=max_tokens
@@ -197,12 +210,18 @@ def real_models() -> dict[str, Any]:
 
     return {
         "smol": {
-            "task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2")),
-            "max_instances": 2, "max_waiting": 256, "context_size": 1024,
+            "task": "text-completion",
+            "engine": "llama-cpp",
+            "location": str(model_path("smollm2")),
+            "max_instances": 2,
+            "max_waiting": 256,
+            "context_size": 1024,
             "device": {"threads": 1, "batch_threads": 1},
         },
         "minilm": {
-            "task": "embedding", "engine": "sentence-transformers", "location": str(model_path("minilm")),
+            "task": "embedding",
+            "engine": "sentence-transformers",
+            "location": str(model_path("minilm")),
             "max_waiting": 256,
         },
     }
@@ -217,14 +236,26 @@ async def main() -> int:
     parser.add_argument("--fake-only", action="store_true")
     args = parser.parse_args()
     good = await scenario(
-        "FakeEngine (chat, streamed chat, completions, embeddings)", fake_models(args.concurrency), "chat", "emb",
-        args.requests, args.concurrency, daemon_concurrency=4, exact=True,
+        "FakeEngine (chat, streamed chat, completions, embeddings)",
+        fake_models(args.concurrency),
+        "chat",
+        "emb",
+        args.requests,
+        args.concurrency,
+        daemon_concurrency=4,
+        exact=True,
     )
     if not args.fake_only:
         good &= await scenario(
             "real models: SmolLM2 on llama-cpp (8 tokens), all-MiniLM-L6-v2 on sentence-transformers",
-            real_models(), "smol", "minilm", args.real_requests, args.real_concurrency,
-            daemon_concurrency=2, exact=False, max_tokens=8,
+            real_models(),
+            "smol",
+            "minilm",
+            args.real_requests,
+            args.real_concurrency,
+            daemon_concurrency=2,
+            exact=False,
+            max_tokens=8,
         )
     print("\nPASS" if good else "\nFAIL")
     return 0 if good else 1

@@ -98,8 +98,15 @@ class Daemon:
     async def __aenter__(self) -> str:
         lllmsd = Path(sys.executable).parent / "lllmsd"
         self.process = await asyncio.create_subprocess_exec(
-            str(lllmsd), "serve", "-c", str(self.config_path), "--log-level", "warning",
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+            str(lllmsd),
+            "serve",
+            "-c",
+            str(self.config_path),
+            "--log-level",
+            "warning",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ},
         )
         url = f"http://127.0.0.1:{self.port}"
         async with aiohttp.ClientSession() as session:

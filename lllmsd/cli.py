@@ -19,7 +19,11 @@ log = logging.getLogger("lllmsd")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFIG_OPTION = click.option(
-    "-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
     help="The YAML config file.",
 )
 
@@ -57,7 +61,8 @@ def main() -> None:
 )
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option(
-    "--pid-file", type=click.Path(dir_okay=False, path_type=Path),
+    "--pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
     help="Write the daemon's pid here while it runs (for `lllmsd reload --pid-file`).",
 )
 def serve(config_path: Path, host: str | None, port: int | None, log_level: str, pid_file: Path | None) -> None:
@@ -72,11 +77,15 @@ def serve(config_path: Path, host: str | None, port: int | None, log_level: str,
 @main.command()
 @click.option("--pid", type=click.IntRange(1), help="The daemon's process id.")
 @click.option(
-    "--pid-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    "--pid-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="The file `lllmsd serve --pid-file` wrote.",
 )
 @click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
     help="Check this config file first and do not signal the daemon if it is invalid.",
 )
 def reload(pid: int | None, pid_file: Path | None, config_path: Path | None) -> None:

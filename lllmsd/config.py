@@ -151,9 +151,7 @@ class ModelBase(_Section):
     context_size: int | None = Field(None, ge=16, description="Context window in tokens; null = the model's own.")
     min_instances: int = Field(0, ge=0, description="Instances loaded at start-up and always kept.")
     max_instances: int = Field(1, ge=1, description="Instances that may exist at once.")
-    ttl: float = Field(
-        300, ge=-1, description="Idle seconds before an instance is disposed; 0 = at once, -1 = never."
-    )
+    ttl: float = Field(300, ge=-1, description="Idle seconds before an instance is disposed; 0 = at once, -1 = never.")
     max_waiting: int = Field(64, ge=0, description="Requests that may wait for an instance; more get 429.")
     queue_timeout: float = Field(
         300, gt=0, description="Seconds a request may wait for an instance (not counting downloads) before 503."
@@ -181,9 +179,7 @@ class ModelBase(_Section):
         2048, ge=1, description="Embedding models: inputs one request may carry at most (OpenAI's limit is 2048)."
     )
     # -- text models: what one request may carry (see docs/hardening.md); more is a 400 naming the limit
-    max_messages: int = Field(
-        2048, ge=1, description="Text models: chat messages one request may carry at most."
-    )
+    max_messages: int = Field(2048, ge=1, description="Text models: chat messages one request may carry at most.")
     max_prompt_chars: int = Field(
         1_000_000,
         ge=1,
@@ -206,9 +202,7 @@ class ModelBase(_Section):
         """Cross-field problems as (field, message); field "" means the model itself."""
         found: list[tuple[str, str]] = []
         if self.min_instances > self.max_instances:
-            found.append(
-                ("max_instances", f"must be >= min_instances ({self.min_instances} > {self.max_instances})")
-            )
+            found.append(("max_instances", f"must be >= min_instances ({self.min_instances} > {self.max_instances})"))
         sources = [name for name in ("url", "repo", "location") if getattr(self, name) is not None]
         if len(sources) > 1:
             found.append(("", f"give one source, not {' and '.join(sources)}"))

@@ -44,7 +44,11 @@ _HTTP_ERRORS: dict[int, tuple[str, str]] = {
 
 
 def error_response(
-    status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     return web.json_response(error_body(message, type_, param, code), status=status, headers=headers)
@@ -96,8 +100,12 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     finally:
         log.info(
             "%s %s model=%s status=%d duration=%.3fs request_id=%s",
-            request.method, _loggable(request.path), _loggable(request.get(MODEL, "-")), status,
-            time.perf_counter() - started, request_id,
+            request.method,
+            _loggable(request.path),
+            _loggable(request.get(MODEL, "-")),
+            status,
+            time.perf_counter() - started,
+            request_id,
         )
 
 
@@ -130,8 +138,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request_id = request.get(REQUEST_ID, "-")
         errors_log.exception("unexpected error serving %s %s (request id %s)", request.method, request.path, request_id)
         return error_response(
-            500, f"internal server error (request id {request_id}); the daemon logged the details",
-            "server_error", None, "internal_error",
+            500,
+            f"internal server error (request id {request_id}); the daemon logged the details",
+            "server_error",
+            None,
+            "internal_error",
         )
 
 

@@ -96,32 +96,55 @@ _AUDIO_BODIES = (
 OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
     {
         ("POST", "/chat/completions"): Operation(
-            "Create a chat completion", "chat",
+            "Create a chat completion",
+            "chat",
             (Body(JSON, r.ChatCompletion), Body(_SSE, description=_STREAM, events=(r.ChatCompletionChunk,))),
-            ChatCompletionRequest, errors=_GENERATION_ERRORS,
+            ChatCompletionRequest,
+            errors=_GENERATION_ERRORS,
         ),
         ("POST", "/completions"): Operation(
-            "Create a (legacy) completion", "completions",
+            "Create a (legacy) completion",
+            "completions",
             (Body(JSON, r.Completion), Body(_SSE, description=_STREAM, events=(r.Completion,))),
-            CompletionRequest, errors=_GENERATION_ERRORS,
+            CompletionRequest,
+            errors=_GENERATION_ERRORS,
         ),
         ("POST", "/embeddings"): Operation(
-            "Create embeddings", "embeddings", (Body(JSON, r.EmbeddingList),), EmbeddingRequest,
+            "Create embeddings",
+            "embeddings",
+            (Body(JSON, r.EmbeddingList),),
+            EmbeddingRequest,
             errors=_GENERATION_ERRORS,
         ),
         ("POST", "/audio/transcriptions"): Operation(
-            "Transcribe audio", "audio",
-            (*_AUDIO_BODIES, Body(_SSE, description="With `stream=true`: transcript.text.delta events, then "
-                                  "transcript.text.done", events=(r.TranscriptTextDelta, r.TranscriptTextDone))),
-            TranscriptionRequest, MULTIPART, errors=_AUDIO_ERRORS,
+            "Transcribe audio",
+            "audio",
+            (
+                *_AUDIO_BODIES,
+                Body(
+                    _SSE,
+                    description="With `stream=true`: transcript.text.delta events, then transcript.text.done",
+                    events=(r.TranscriptTextDelta, r.TranscriptTextDone),
+                ),
+            ),
+            TranscriptionRequest,
+            MULTIPART,
+            errors=_AUDIO_ERRORS,
         ),
         ("POST", "/audio/translations"): Operation(
-            "Translate audio into English text", "audio", _AUDIO_BODIES, TranslationRequest, MULTIPART,
+            "Translate audio into English text",
+            "audio",
+            _AUDIO_BODIES,
+            TranslationRequest,
+            MULTIPART,
             errors=_AUDIO_ERRORS,
         ),
         ("GET", "/models"): Operation("List the configured models", "models", (Body(JSON, r.ModelList),)),
         ("GET", "/models/{model}"): Operation(
-            "Describe one model", "models", (Body(JSON, r.ModelObject),), errors=(404, 500),
+            "Describe one model",
+            "models",
+            (Body(JSON, r.ModelObject),),
+            errors=(404, 500),
             path_parameters=(("model", "A model id from the config."),),
         ),
         ("GET", "/"): Operation(
@@ -129,7 +152,8 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
         ),
         ("GET", "/health"): Operation("Liveness: answers while the daemon runs", "daemon", (Body(JSON, r.Health),)),
         ("GET", "/metrics"): Operation(
-            "Prometheus metrics", "daemon",
+            "Prometheus metrics",
+            "daemon",
             (Body("text/plain", description="Prometheus text exposition format 0.0.4"),),
         ),
         ("GET", "/openapi.json"): Operation(

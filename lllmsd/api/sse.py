@@ -42,7 +42,9 @@ def error_event(exc: BaseException, request_id: str) -> dict[str, Any]:
         return error_body(exc.message, exc.type, exc.param, exc.code)
     return error_body(
         f"internal server error (request id {request_id}); the daemon logged the details",
-        "server_error", None, "internal_error",
+        "server_error",
+        None,
+        "internal_error",
     )
 
 

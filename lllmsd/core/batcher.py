@@ -78,9 +78,7 @@ def shorten(vectors: Any, dimensions: int | None) -> np.ndarray:
 @dataclass(eq=False)
 class _Pending:
     task: EmbeddingTask
-    future: asyncio.Future[EmbeddingResult] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    future: asyncio.Future[EmbeddingResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def size(self) -> int:

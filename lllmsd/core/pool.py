@@ -160,8 +160,7 @@ class ModelPool:
             self._waiters.remove(waiter)
             waiter.future.cancel()
             raise TooManyRequests(
-                f"too many requests are waiting for '{self.model_id}' ({self.config.max_waiting} at most); "
-                "retry later",
+                f"too many requests are waiting for '{self.model_id}' ({self.config.max_waiting} at most); retry later",
                 retry_after=1,
             )
         try:
@@ -235,9 +234,7 @@ class ModelPool:
     # ----------------------------------------------------------------------------- loading, disposing
 
     def _spawn(self) -> ModelInstance:
-        instance = ModelInstance(
-            self.model_id, self.config, self.engine_class, self.clock, instance_id=next(self._ids)
-        )
+        instance = ModelInstance(self.model_id, self.config, self.engine_class, self.clock, instance_id=next(self._ids))
         self.instances.append(instance)
         self._in_background(self._load(instance))
         return instance
@@ -266,7 +263,7 @@ class ModelPool:
     def _load_failed(self, instance: ModelInstance, exc: Exception) -> None:
         self._forget(instance)
         self._load_failures += 1
-        self._retry_at = self.clock.now() + min(MAX_LOAD_BACKOFF, 2.0 ** self._load_failures)
+        self._retry_at = self.clock.now() + min(MAX_LOAD_BACKOFF, 2.0**self._load_failures)
         if isinstance(exc, LllmsdError):
             error: LllmsdError = exc
             log.error("%s: instance %s cannot load: %s", self.model_id, instance.id, exc.message)

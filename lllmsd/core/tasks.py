@@ -344,4 +344,3 @@ class TranscriptInfo:
 
 
 TranscriptionEvent = TranscriptInfo | TranscriptSegment
-

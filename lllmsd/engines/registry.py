@@ -46,19 +46,32 @@ ENGINES: Mapping[str, EngineSpec] = MappingProxyType(
         for spec in (
             EngineSpec("fake", "lllmsd.engines.fake:FakeEngine", frozenset({_TEXT, _EMBED, _STT}), None),
             EngineSpec(
-                "llama-cpp", "lllmsd.engines.llama_cpp:LlamaCppEngine", frozenset({_TEXT, _EMBED}),
-                "llama-cpp", ("llama_cpp",),
+                "llama-cpp",
+                "lllmsd.engines.llama_cpp:LlamaCppEngine",
+                frozenset({_TEXT, _EMBED}),
+                "llama-cpp",
+                ("llama_cpp",),
             ),
             EngineSpec(
-                "gpt4all", "lllmsd.engines.gpt4all:Gpt4AllEngine", frozenset({_TEXT}), "gpt4all", ("gpt4all",),
+                "gpt4all",
+                "lllmsd.engines.gpt4all:Gpt4AllEngine",
+                frozenset({_TEXT}),
+                "gpt4all",
+                ("gpt4all",),
             ),
             EngineSpec(
-                "sentence-transformers", "lllmsd.engines.sentence_transformers:SentenceTransformersEngine",
-                frozenset({_EMBED}), "sentence-transformers", ("sentence_transformers",),
+                "sentence-transformers",
+                "lllmsd.engines.sentence_transformers:SentenceTransformersEngine",
+                frozenset({_EMBED}),
+                "sentence-transformers",
+                ("sentence_transformers",),
             ),
             EngineSpec(
-                "faster-whisper", "lllmsd.engines.faster_whisper:FasterWhisperEngine", frozenset({_STT}),
-                "faster-whisper", ("faster_whisper",),
+                "faster-whisper",
+                "lllmsd.engines.faster_whisper:FasterWhisperEngine",
+                frozenset({_STT}),
+                "faster-whisper",
+                ("faster_whisper",),
             ),
         )
     }

@@ -61,7 +61,10 @@ class SentenceTransformersEngine:
         # never below MIN_CHUNK, so a model with batching off still encodes one big request efficiently
         self._chunk = max(config.max_batch_size, MIN_CHUNK)
         log.info(
-            "loaded %s (%s backend, %d dimensions, max %d tokens)", folder, config.backend, self.dimension,
+            "loaded %s (%s backend, %d dimensions, max %d tokens)",
+            folder,
+            config.backend,
+            self.dimension,
             self.max_seq_length,
         )
 

@@ -138,11 +138,22 @@ async def test_verbose_json_has_segments_by_default_and_words_only_when_asked(
     assert "words" not in body
     segment = body["segments"][0]
     assert set(segment) == {
-        "id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+        "id",
+        "seek",
+        "start",
+        "end",
+        "text",
+        "tokens",
+        "temperature",
+        "avg_logprob",
+        "compression_ratio",
         "no_speech_prob",
     }
     status, _, text = await post(
-        client, speech.read(), model="whisper", response_format="verbose_json",
+        client,
+        speech.read(),
+        model="whisper",
+        response_format="verbose_json",
         **{"timestamp_granularities[]": "word"},
     )
     body = json.loads(text)
@@ -219,9 +230,7 @@ def sse_events(text: str) -> list[dict[str, Any]]:
 
 
 async def test_stream_sends_deltas_then_done(client: TestClient, speech: Speech) -> None:
-    response = await client.post(
-        "/v1/audio/transcriptions", data=form(speech.read(), model="whisper", stream="true")
-    )
+    response = await client.post("/v1/audio/transcriptions", data=form(speech.read(), model="whisper", stream="true"))
     assert response.status == 200
     assert response.content_type == "text/event-stream"
     raw = await response.text()
@@ -238,9 +247,7 @@ async def test_stream_sends_deltas_then_done(client: TestClient, speech: Speech)
 
 async def test_stream_through_the_sdk(client: TestClient, speech: Speech) -> None:
     async with sdk(client) as api:
-        stream = await api.audio.transcriptions.create(
-            model="whisper", file=("fox.wav", speech.read()), stream=True
-        )
+        stream = await api.audio.transcriptions.create(model="whisper", file=("fox.wav", speech.read()), stream=True)
         events = [event async for event in stream]
     assert events[-1].type == "transcript.text.done"
     assert all(e.type == "transcript.text.delta" for e in events[:-1])
@@ -255,8 +262,9 @@ async def test_translation_route_on_the_fake_engine(client: TestClient) -> None:
     async with sdk(client) as api:
         result = await api.audio.translations.create(model="fake-stt", file=("a.wav", b"\x00" * 3200))
     assert result.text == "fake transcript of 3200 bytes"
-    status, _, text = await post(client, b"\x00" * 3200, "/v1/audio/translations", model="fake-stt",
-                                 response_format="verbose_json")
+    status, _, text = await post(
+        client, b"\x00" * 3200, "/v1/audio/translations", model="fake-stt", response_format="verbose_json"
+    )
     assert status == 200
     assert json.loads(text)["task"] == "translate"
 
@@ -317,8 +325,9 @@ async def test_not_audio_is_a_400_naming_the_file(client: TestClient, audio: byt
 
 
 async def test_not_audio_in_a_stream_is_still_a_400(client: TestClient) -> None:
-    status, content_type, text = await post(client, b"not audio" * 100, model="whisper", stream="true",
-                                            filename="x.bin")
+    status, content_type, text = await post(
+        client, b"not audio" * 100, model="whisper", stream="true", filename="x.bin"
+    )
     assert status == 400
     assert content_type == "application/json"
     assert "x.bin" in envelope(text)["message"]

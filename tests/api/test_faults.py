@@ -265,7 +265,7 @@ async def stalled_body(host: str, port: int) -> tuple[asyncio.StreamReader, asyn
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n{\"model\": \"chat\", "
+        b'Content-Length: 1000\r\n\r\n{"model": "chat", '
     )
     await writer.drain()
     return reader, writer  # 982 bytes of body never come

@@ -38,7 +38,10 @@ def test_every_route_survives_fuzzing_on_the_fake_engine(fake_daemon: DaemonThre
     fuzzed = 0
     for operation in operations(schema):
         findings += fuzz_operation(
-            operation, fake_daemon.url, mode, max_examples=EXAMPLES[operation.method.upper()],
+            operation,
+            fake_daemon.url,
+            mode,
+            max_examples=EXAMPLES[operation.method.upper()],
             model_ids=list(FAKE_MODELS),
         )
         fuzzed += 1
@@ -92,8 +95,11 @@ def test_text_routes_survive_fuzzing_on_llama_cpp(mode: str) -> None:
 
     models = {
         "smol": {
-            "task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2")),
-            "context_size": 256, "device": {"threads": 1, "batch_threads": 1},
+            "task": "text-completion",
+            "engine": "llama-cpp",
+            "location": str(model_path("smollm2")),
+            "context_size": 256,
+            "device": {"threads": 1, "batch_threads": 1},
         }
     }
     with DaemonThread(make_config(models)) as daemon:

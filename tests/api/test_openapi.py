@@ -115,8 +115,11 @@ def test_conformance_rejects_a_response_that_breaks_its_schema() -> None:
 
 @pytest.mark.parametrize(
     ("path", "model"),
-    [("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
-     ("/v1/embeddings", EmbeddingRequest)],
+    [
+        ("/v1/chat/completions", ChatCompletionRequest),
+        ("/v1/completions", CompletionRequest),
+        ("/v1/embeddings", EmbeddingRequest),
+    ],
 )
 async def test_request_schemas_are_the_validating_models(daemon: TestClient, path: str, model: type) -> None:
     document = await document_of(daemon)
@@ -165,7 +168,9 @@ async def test_text_responses_and_stream_chunks_conform(daemon: TestClient) -> N
         {"model": "chat", "messages": messages},
         {"model": "chat", "messages": messages, "n": 2, "logprobs": True, "top_logprobs": 2},
         {
-            "model": "chat", "messages": messages, "tool_choice": "required",
+            "model": "chat",
+            "messages": messages,
+            "tool_choice": "required",
             "tools": [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}],
         },
     ]
@@ -233,8 +238,12 @@ async def test_audio_responses_conform(daemon: TestClient) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status"),
     [
-        ("post", "/v1/chat/completions", {"json": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
-         404),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
+            404,
+        ),
         ("post", "/v1/chat/completions", {"json": {"model": "chat", "messages": []}}, 400),
         ("post", "/v1/chat/completions", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400),
         ("post", "/v1/completions", {"data": "x", "headers": {"Content-Type": "text/plain"}}, 415),

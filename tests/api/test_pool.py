@@ -72,9 +72,7 @@ async def test_max_instances_hold_under_200_concurrent_requests(start_app: AppFa
 
 async def test_global_concurrency_caps_engine_calls_across_models(start_app: AppFactory) -> None:
     probe = Probe(gated=True)
-    config = make_config(
-        {"a": fake_model(max_instances=2), "b": fake_model(max_instances=2)}, concurrency=1
-    )
+    config = make_config({"a": fake_model(max_instances=2), "b": fake_model(max_instances=2)}, concurrency=1)
     client = await start_app(config, engines={"fake": probe.engine_class()})
     requests = [asyncio.ensure_future(chat(client, user(f"r{i}"), model="ab"[i % 2])) for i in range(4)]
     await eventually(lambda: probe.active == 1)

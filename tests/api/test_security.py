@@ -224,7 +224,9 @@ def test_the_daemon_listens_on_loopback_by_default_and_never_logs_its_keys() -> 
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [str(lllmsd), "serve", "-c", str(config_path), "--log-level", "debug"],
-                stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "LLLMSD_API_KEYS": env_key},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "LLLMSD_API_KEYS": env_key},
             )
             try:
                 _wait_listening(port, process)

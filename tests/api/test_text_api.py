@@ -108,7 +108,10 @@ async def test_tool_calls_non_stream_and_stream(openai_client: openai.AsyncOpenA
     assert json.loads(message.tool_calls[0].function.arguments) == {"text": "the quick brown fox"}
 
     stream = await openai_client.chat.completions.create(
-        model="chat", messages=USER, tools=tools, tool_choice={"type": "function", "function": {"name": "lookup"}},
+        model="chat",
+        messages=USER,
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
         stream=True,
     )
     deltas = [c.choices[0].delta.tool_calls[0] async for c in stream if c.choices and c.choices[0].delta.tool_calls]

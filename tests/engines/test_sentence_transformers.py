@@ -100,7 +100,6 @@ def test_config_mistakes(options: dict[str, Any], words: str) -> None:
         model_config({**EMBEDDING_MODELS["st-torch"](), **options})
 
 
-
 @pytest.mark.parametrize("name", ["st-torch", "st-onnx"])
 async def test_the_official_sdk_against_the_real_model(start_app: AppFactory, name: str) -> None:
     """The whole daemon on the real model: what an OpenAI client sees."""

@@ -107,9 +107,7 @@ async def test_temperature_and_prompt_are_accepted(instance: ModelInstance, spee
 
 
 async def test_translation_on_the_multilingual_model(instances: dict[str, ModelInstance], speech: Speech) -> None:
-    info, segments = await transcribe(
-        instances["base"], speech.french_wav.read_bytes(), language="fr", translate=True
-    )
+    info, segments = await transcribe(instances["base"], speech.french_wav.read_bytes(), language="fr", translate=True)
     english = text_of(segments).lower()
     assert info.language == "fr"
     assert "music" in english

@@ -186,9 +186,7 @@ def test_a_missing_engine_extra_names_the_pip_command(monkeypatch: pytest.Monkey
 
 def test_token_comes_from_the_environment_and_stays_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_HF_TOKEN", "hf_secret")
-    config = parse_config(
-        {"models": {"m": {**FAKE, "repo": "a/b", "file": "f", "token": "${MY_HF_TOKEN}"}}}
-    )
+    config = parse_config({"models": {"m": {**FAKE, "repo": "a/b", "file": "f", "token": "${MY_HF_TOKEN}"}}})
     token = config.models["m"].token
     assert token is not None
     assert token.get_secret_value() == "hf_secret"
