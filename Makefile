@@ -68,8 +68,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lllmsd tests bench
 	$(VENV)/bin/ruff format --check lllmsd tests bench
 
+BENCHES := pool_overhead chat_throughput embeddings transcription load
+
+# Every benchmark, one after another (each prints its figures beside its baseline); `make fuzz` is separate.
 bench: install
-	for script in bench/*.py; do $(PY) $$script || exit 1; done
+	for name in $(BENCHES); do $(PY) bench/$$name.py || exit 1; done
 
 # A long fuzzing run of every route from /openapi.json (the suite runs a few examples: tests/api/test_fuzz.py)
 FUZZ_EXAMPLES ?= 500
