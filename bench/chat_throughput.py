@@ -15,6 +15,10 @@
    to first token of lllmsd (max_instances 2, default threads: one per instance when two share 2 cores)
    against llama_cpp.server, which serves them one after another. Targets: aggregate >= 1.5x, p50
    TTFT <= 0.5x the server's.
+4. gpt4all on the same SmolLM2 (its metadata rewritten for gpt4all's older llama.cpp): the gpt4all package
+   in-process (``GPT4All.chat_session`` with the ChatML template, ``generate``) vs lllmsd's gpt4all engine
+   over HTTP, same prompt, tokens, threads and greedy sampling, non-stream and stream. Ratio lllmsd/(a)
+   (target >= 0.95).
 
 Run: .venv/bin/python bench/chat_throughput.py [--runs 3] [--max-tokens 128] [--threads 1] [--bursts 3]
 ggml threads spin-wait, so other load on the machine changes the figures a lot: compare within one run
@@ -201,7 +205,60 @@ def lllmsd_models(threads: int) -> dict[str, Any]:
         "chat": {**smol, "device": device},
         "chat-cold": {**smol, "device": device},  # same file, its own instance: the cold second turn
         "pool": {**smol, "max_instances": 2},  # default threads: the engine divides the cores
+        "gpt4all": {**smol, "engine": "gpt4all", "location": str(model_path("smollm2-gpt4all")), "device": device},
     }
+
+
+# ------------------------------------------------------------------------------------ 4. gpt4all
+
+# Greedy and unpenalised on both sides, so both do the same work per token (gpt4all's defaults differ).
+GREEDY = {"temperature": 0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+CHATML_USER = "<|im_start|>user\n{0}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def load_gpt4all(threads: int) -> Any:
+    from gpt4all import GPT4All
+
+    path = model_path("smollm2-gpt4all")
+    return GPT4All(path.name, model_path=str(path.parent), allow_download=False, device="cpu", n_threads=threads,
+                   n_ctx=CONTEXT, verbose=False)  # fmt: skip
+
+
+def gpt4all_in_process_call(model: Any, max_tokens: int) -> Call:
+    """The package used as its README shows: a chat session with the model's template, then generate."""
+
+    def run(stream: bool) -> Sample:
+        start = time.perf_counter()
+        ttft: float | None = None
+        parts: list[str] = []
+
+        def on_token(token_id: int, text: str) -> bool:
+            nonlocal ttft
+            ttft = ttft or time.perf_counter() - start
+            parts.append(text)
+            return True
+
+        with model.chat_session(system_prompt="", prompt_template=CHATML_USER):
+            options = {"temp": 0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "n_batch": 128}
+            if stream:
+                for _ in model.generate(STORY, max_tokens=max_tokens, streaming=True, callback=on_token, **options):
+                    pass
+            else:
+                model.generate(STORY, max_tokens=max_tokens, callback=on_token, **options)
+        return Sample(len(parts), time.perf_counter() - start, ttft if stream else None, "".join(parts))
+
+    async def call(stream: bool) -> Sample:
+        return await asyncio.to_thread(run, stream)
+
+    return call
+
+
+def gpt4all_http_call(session: aiohttp.ClientSession, url: str, max_tokens: int) -> Call:
+    async def call(stream: bool) -> Sample:
+        payload = {**body("gpt4all", MESSAGES, max_tokens, stream, True), **GREEDY}
+        return await post_chat(session, url, payload)
+
+    return call
 
 
 # ----------------------------------------------------------------------------- 1. single client
@@ -219,8 +276,9 @@ async def single_client(contenders: dict[str, Call], args: argparse.Namespace) -
     return results
 
 
-def print_single(results: dict[tuple[str, bool], list[Sample]], names: list[str], args: argparse.Namespace) -> None:
-    print(f"\n1. single client: {args.max_tokens} tokens, temperature 0, {args.threads} thread(s) for generation "
+def print_single(results: dict[tuple[str, bool], list[Sample]], names: list[str], args: argparse.Namespace,
+                 title: str = "1. single client") -> None:  # fmt: skip
+    print(f"\n{title}: {args.max_tokens} tokens, temperature 0, {args.threads} thread(s) for generation "
           f"and prompt, median of {args.runs}")  # fmt: skip
     print(f"{'backend':30} {'tok/s':>8} {'stream tok/s':>13} {'stream TTFT':>12} {'tokens':>7}  same text as (a)")
     reference = results[(names[0], False)][0].text
@@ -354,6 +412,16 @@ async def main(args: argparse.Namespace) -> int:
             }
             print_concurrent(await concurrent(session, targets, args), args)
             print(f"   load average {loadavg()}")
+            gpt4all = await asyncio.to_thread(load_gpt4all, args.threads)
+            try:
+                g4a = {
+                    "(a) gpt4all in-process": gpt4all_in_process_call(gpt4all, args.max_tokens),
+                    "(c) lllmsd gpt4all engine": gpt4all_http_call(session, daemon, args.max_tokens),
+                }
+                print_single(await single_client(g4a, args), list(g4a), args, "4. gpt4all, single client")
+                print(f"   load average {loadavg()}")
+            finally:
+                gpt4all.close()
     finally:
         llama.close()
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
