@@ -10,6 +10,8 @@ What it answers, so tests can assert it:
   tool, it calls that tool with arguments ``{"text": <last user message>}``.
 - embeddings: unit vectors derived from a hash of the text (equal texts, equal vectors).
 - transcription: "fake transcript of N bytes", in one segment.
+- grammar, JSON response formats and logprobs of an echoed prompt are refused (400), as a real engine
+  refuses what it cannot honour; seed is honoured trivially (the output never varies).
 
 Its token cache is real bookkeeping: it remembers the tokens it evaluated and reports how many of the
 next prompt's leading tokens it already held as ``cached_tokens``, so the pool's routing can be tested.
@@ -46,7 +48,7 @@ from lllmsd.core.tasks import (
     Usage,
 )
 from lllmsd.engines.base import ModelFiles, Task
-from lllmsd.errors import ContextLengthExceeded, InvalidRequest
+from lllmsd.errors import ContextLengthExceeded, UnsupportedParameter
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 256
@@ -87,10 +89,13 @@ class FakeEngine:
 
     @classmethod
     def check_task(cls, config: FakeModelConfig, task: Task) -> None:
+        # What the fake cannot really do, it refuses like any engine, rather than ignore it.
         if isinstance(task, ChatTask | CompletionTask) and task.grammar is not None:
-            grammar = task.grammar.strip()
-            if not grammar:
-                raise InvalidRequest("grammar is empty", param="grammar")
+            raise UnsupportedParameter("grammar", cls.name)
+        if isinstance(task, ChatTask) and task.response_format is not None and task.response_format.type != "text":
+            raise UnsupportedParameter("response_format", cls.name, f"only text, not {task.response_format.type}")
+        if isinstance(task, CompletionTask) and task.echo and task.logprobs is not None:
+            raise UnsupportedParameter("logprobs", cls.name, "no logprobs for the echoed prompt")
 
     def close(self) -> None:
         self.closed = True
