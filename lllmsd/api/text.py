@@ -33,22 +33,22 @@ def _text_model(runtime: Runtime, model_id: str, wanted: str) -> tuple[Any, type
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = ChatCompletionRequest.model_validate(await read_json(request))
-    request[MODEL] = body.model
-    runtime = request.app[RUNTIME]
-    config, engine_class = _text_model(runtime, body.model, "chat completions")
-    task = body.to_task(config)
-    engine_class.check_task(config, task)
-    return await _generate(request, runtime, body, task, config.engine)
+    return await _serve(request, ChatCompletionRequest, "chat completions")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = CompletionRequest.model_validate(await read_json(request))
+    return await _serve(request, CompletionRequest, "completions")
+
+
+async def _serve(
+    request: web.Request, wire: type[ChatCompletionRequest | CompletionRequest], route: str
+) -> web.StreamResponse:
+    body = wire.model_validate(await read_json(request))
     request[MODEL] = body.model
     runtime = request.app[RUNTIME]
-    config, engine_class = _text_model(runtime, body.model, "completions")
+    config, engine_class = _text_model(runtime, body.model, route)
     task = body.to_task(config)
-    engine_class.check_task(config, task)
+    engine_class.check_task(config, task)  # refused parameters answer 400 before the request queues
     return await _generate(request, runtime, body, task, config.engine)
 
 
