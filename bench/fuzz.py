@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.api.fuzzing import DaemonThread, Finding, fuzz_operation, load_schema, operations  # noqa: E402
-from tests.api.test_fuzz import FAKE_MODELS, small_generation  # noqa: E402
+from tests.api.test_fuzz import FAKE_MODELS, llama_models, small_generation  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
 
 
@@ -50,18 +50,7 @@ def main() -> int:
     with DaemonThread(make_config(FAKE_MODELS, concurrency=4)) as daemon:
         failures = fuzz(daemon, list(FAKE_MODELS), args.examples, args.seed)
     if args.llama:
-        from tests.setup_models import model_path
-
-        models = {
-            "smol": {
-                "task": "text-completion",
-                "engine": "llama-cpp",
-                "location": str(model_path("smollm2")),
-                "context_size": 256,
-                "device": {"threads": 1, "batch_threads": 1},
-            }
-        }
-        with DaemonThread(make_config(models)) as daemon:
+        with DaemonThread(make_config(llama_models())) as daemon:
             failures += fuzz(
                 daemon,
                 ["smol"],

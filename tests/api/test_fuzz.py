@@ -4,7 +4,6 @@ breaks its documented schema, no hang. A bounded number of examples here; `make 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,7 +60,20 @@ def fake_daemon_status(daemon: DaemonThread) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- a real engine
 
-HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+
+def llama_models() -> dict[str, Any]:
+    """SmolLM2 on llama-cpp, small and on one thread: fuzzing needs many short answers, not good ones."""
+    from tests.setup_models import model_path
+
+    return {
+        "smol": {
+            "task": "text-completion",
+            "engine": "llama-cpp",
+            "location": str(model_path("smollm2")),
+            "context_size": 256,
+            "device": {"threads": 1, "batch_threads": 1},
+        }
+    }
 
 
 def small_generation(case: Any) -> None:
@@ -88,21 +100,9 @@ def small_generation(case: Any) -> None:
         body["max_tokens"] = 4
 
 
-@pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (make install)")
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_text_routes_survive_fuzzing_on_llama_cpp(mode: str) -> None:
-    from tests.setup_models import model_path
-
-    models = {
-        "smol": {
-            "task": "text-completion",
-            "engine": "llama-cpp",
-            "location": str(model_path("smollm2")),
-            "context_size": 256,
-            "device": {"threads": 1, "batch_threads": 1},
-        }
-    }
-    with DaemonThread(make_config(models)) as daemon:
+    with DaemonThread(make_config(llama_models())) as daemon:
         schema = load_schema(daemon.url)
         findings: list[Finding] = []
         for operation in operations(schema, prefixes=("/v1/chat", "/v1/completions")):
