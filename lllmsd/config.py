@@ -178,6 +178,10 @@ class ModelBase(_Section):
     max_inputs: int = Field(
         2048, ge=1, description="Embedding models: inputs one request may carry at most (OpenAI's limit is 2048)."
     )
+    truncate: bool = Field(
+        True,
+        description="Embedding models: cut inputs longer than the model's max sequence to fit; false answers 400.",
+    )
     # -- text models: what one request may carry (see docs/hardening.md); more is a 400 naming the limit
     max_messages: int = Field(2048, ge=1, description="Text models: chat messages one request may carry at most.")
     max_prompt_chars: int = Field(
@@ -228,7 +232,7 @@ class ModelBase(_Section):
                 found.append(("preload", "give either messages or prefix"))
         if self.task is not ModelTask.EMBEDDING:
             for name in sorted(self.model_fields_set & _EMBEDDING_ONLY):
-                found.append((name, "only embedding models batch requests"))
+                found.append((name, "only embedding models take this option"))
         if self.task is not ModelTask.TEXT_COMPLETION:
             for name in sorted(self.model_fields_set & _TEXT_ONLY):
                 found.append((name, "only text-completion models take messages and prompts"))
@@ -238,7 +242,7 @@ class ModelBase(_Section):
         return True
 
 
-_EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs"})
+_EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs", "truncate"})
 _TEXT_ONLY = frozenset({"max_messages", "max_prompt_chars"})
 
 
@@ -321,7 +325,6 @@ class SentenceTransformersModelConfig(ModelBase):
         description="backend onnx: the ONNX file inside the model folder (default onnx/model.onnx, then "
         "model.onnx), e.g. onnx/model_qint8_avx512.onnx.",
     )
-    truncate: bool = Field(True, description="Truncate inputs longer than the model's max sequence (else 400).")
 
     def problems(self) -> list[tuple[str, str]]:
         found = super().problems()

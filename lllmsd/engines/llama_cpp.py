@@ -818,7 +818,7 @@ class LlamaCppEngine:
     def embed(self, task: EmbeddingTask) -> EmbeddingResult:
         if not self.embedding:
             raise UnsupportedTask("this model is configured for text-completion, not embedding")
-        sequences = [self._embedding_tokens(item) for item in task.inputs]
+        sequences = [self._embedding_tokens(item, index) for index, item in enumerate(task.inputs)]
         vectors: list[list[float]] = []
         for group in self._batches(sequences):
             vectors += self._embed_batch(group)
@@ -828,14 +828,21 @@ class LlamaCppEngine:
             vectors = [_normalised(v[: task.dimensions]) for v in vectors]
         return EmbeddingResult(vectors=vectors, token_counts=[len(s) for s in sequences])
 
-    def _embedding_tokens(self, item: str | tuple[int, ...]) -> list[int]:
+    def _embedding_tokens(self, item: str | tuple[int, ...], index: int) -> list[int]:
         tokens = self._tokenize(item) if isinstance(item, str) else [int(t) for t in item]
         if not tokens:
             raise InvalidRequest("input: empty inputs cannot be embedded", param="input")
         if any(not 0 <= t < self.n_vocab for t in tokens):
             raise InvalidRequest("input: a token id is not in the model's vocabulary", param="input")
         if len(tokens) > self.context_size:
-            raise ContextLengthExceeded(len(tokens), self.context_size, param="input")
+            if self.config.truncate:  # a sequence is evaluated whole in one batch of context_size tokens
+                return tokens[: self.context_size]
+            raise InvalidRequest(
+                f"input[{index}] is {len(tokens)} tokens, longer than the model's maximum of {self.context_size} "
+                "tokens (truncate is off for this model)",
+                param="input",
+                code="context_length_exceeded",
+            )
         return tokens
 
     def _batches(self, sequences: list[list[int]]) -> Iterator[list[list[int]]]:

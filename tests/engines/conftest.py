@@ -67,4 +67,12 @@ EMBEDDING_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
         "file_name": "onnx/model_qint8.onnx",
         "location": str(model_path("minilm-onnx")),
     },
+    # pooled llama.cpp embeddings from a chat GGUF: weak vectors, but the real path (576 dimensions)
+    "llama-cpp": lambda: {
+        "task": "embedding",
+        "engine": "llama-cpp",
+        "location": str(model_path("smollm2")),
+        "context_size": 512,
+        "device": {"threads": 1, "batch_threads": 1},
+    },
 }

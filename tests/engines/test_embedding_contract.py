@@ -51,6 +51,14 @@ def folder_max_tokens(model: dict[str, Any]) -> int:
     return json.loads((Path(model["location"]) / "sentence_bert_config.json").read_text())["max_seq_length"]
 
 
+def gguf_tokenizer(model: dict[str, Any]) -> Tokenizer:
+    """The GGUF's vocabulary loaded on its own (no weights), tokenizing as llama.cpp does for embeddings."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model["location"], vocab_only=True, verbose=False)
+    return lambda text: vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     semantic: bool = False  # a real sentence model: paraphrases are closer than unrelated sentences
@@ -62,7 +70,21 @@ class Capabilities:
 SENTENCE_TRANSFORMERS = Capabilities(
     semantic=True, tokenizer=folder_tokenizer, max_tokens=folder_max_tokens, strict_option={"truncate": False}
 )
-CAPABILITIES: dict[str, Capabilities] = {"st-torch": SENTENCE_TRANSFORMERS, "st-onnx": SENTENCE_TRANSFORMERS}
+CAPABILITIES: dict[str, Capabilities] = {
+    "st-torch": SENTENCE_TRANSFORMERS,
+    "st-onnx": SENTENCE_TRANSFORMERS,
+    # a chat model's pooled states: real vectors, but not trained to put paraphrases together
+    "llama-cpp": Capabilities(
+        tokenizer=gguf_tokenizer, max_tokens=lambda model: model["context_size"], strict_option={"truncate": False}
+    ),
+}
+
+
+def where(claim: Callable[[Capabilities], object]) -> pytest.MarkDecorator:
+    """Run a test on the models whose capabilities make ``claim`` true (and only those: nothing is skipped)."""
+    names = sorted(name for name in EMBEDDING_MODELS if claim(CAPABILITIES.get(name, Capabilities())))
+    return pytest.mark.parametrize("subject", names, indirect=True)
+
 
 SENTENCES = (
     "A man is eating food.",
@@ -131,9 +153,8 @@ async def test_usage_counts_every_input(subject: Subject) -> None:
         assert list(result.token_counts) == expected
 
 
+@where(lambda can: can.semantic)
 async def test_paraphrases_are_closer_than_unrelated_sentences(subject: Subject) -> None:
-    if not subject.can.semantic:
-        pytest.skip(f"{subject.name} is not a sentence-embedding model")
     bread, food, stocks = matrix(await subject.embed(*PARAPHRASE))
     assert cosine(bread, food) > cosine(bread, stocks) + 0.3
 
@@ -152,9 +173,8 @@ async def test_dimensions_give_unit_vectors_of_that_length(subject: Subject) -> 
 # ----------------------------------------------------------------------------------------- token input
 
 
+@where(lambda can: can.tokenizer)
 async def test_token_ids_embed_like_their_text(subject: Subject) -> None:
-    if subject.can.tokenizer is None:
-        pytest.skip(f"no independent tokenizer for {subject.name}")
     text = "a man is eating food."
     ids = tuple(subject.can.tokenizer(subject.model)(text))
     by_ids, by_text = await subject.embed(ids), await subject.embed(text)
@@ -175,18 +195,16 @@ async def test_token_ids_outside_the_vocabulary_are_refused(subject: Subject) ->
 LONG = "the quick brown fox jumps over the lazy dog " * 120  # > 1000 tokens
 
 
+@where(lambda can: can.max_tokens)
 async def test_long_inputs_are_truncated(subject: Subject) -> None:
-    if subject.can.max_tokens is None:
-        pytest.skip(f"{subject.name} does not truncate")
     limit = subject.can.max_tokens(subject.model)
     result = await subject.embed("short one", LONG)
     assert list(result.token_counts)[1] == limit
     np.testing.assert_allclose(np.linalg.norm(matrix(result), axis=1), 1.0, atol=1e-4)
 
 
+@where(lambda can: can.strict_option and can.max_tokens)
 async def test_long_inputs_are_refused_when_truncation_is_off(subject: Subject) -> None:
-    if subject.can.strict_option is None or subject.can.max_tokens is None:
-        pytest.skip(f"{subject.name} has no option to refuse long inputs")
     strict = await load_instance({**subject.model, **subject.can.strict_option})
     try:
         strict_subject = replace(subject, instance=strict)
