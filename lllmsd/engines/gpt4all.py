@@ -22,7 +22,6 @@ helper before it returns or is closed, so the engine is still used by one call a
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import logging
 import queue
@@ -45,6 +44,7 @@ from lllmsd.core.tasks import (
     Usage,
 )
 from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.engines.textstream import TextStream
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable, UnsupportedParameter
 
 log = logging.getLogger(__name__)
@@ -207,50 +207,6 @@ def read_gguf_info(path: Path) -> GgufInfo:
     arch = value("general.architecture")
     context = value(f"{arch}.context_length") if arch else None
     return GgufInfo(value("tokenizer.chat_template"), int(context) if context else None, value("tokenizer.ggml.pre"))
-
-
-# ---------------------------------------------------------------------------------------- stop sequences
-
-
-class StopFilter:
-    """Holds back text that may be the start of a stop sequence; cuts the text before the first one.
-
-    Invariant: every stop sequence occurrence starts at or after ``len(emitted)``, because text that could
-    begin one is never released early.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.text = ""
-        self.emitted = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """Add generated text; return what may be shown now. Sets ``stopped`` at a stop sequence."""
-        self.text += piece
-        start = len(self.emitted)
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._release(min(hits))
-        return self._release(self._hold_from(start))
-
-    def flush(self) -> str:
-        """Generation ended without a stop sequence: what was held back is plain text after all."""
-        return "" if self.stopped else self._release(len(self.text))
-
-    def _hold_from(self, start: int) -> int:
-        longest = max((len(s) for s in self.stops), default=0)
-        for i in range(max(start, len(self.text) - longest + 1), len(self.text)):
-            tail = self.text[i:]
-            if any(s.startswith(tail) for s in self.stops):
-                return i
-        return len(self.text)
-
-    def _release(self, end: int) -> str:
-        out = self.text[len(self.emitted) : end]
-        self.emitted += out
-        return out
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -592,8 +548,7 @@ class Gpt4AllEngine:
         if limit <= 0:
             raise ContextLengthExceeded(start + 1, self.context_size)
         self._apply_sampling(sampling)
-        stops = StopFilter(sampling.stop)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        stream = TextStream(sampling.stop)
         raw = bytearray()
         ends: list[int] = []  # byte offset where each generated token ends
         state = _CallState()
@@ -608,10 +563,11 @@ class Gpt4AllEngine:
                     return False
                 raw.extend(piece)
                 ends.append(len(raw))
-                text = stops.feed(decoder.decode(piece))
+                stream.feed(piece)
+                text, _ = stream.release()
                 if text:
                     emit(TextDelta(text))
-                if stops.stopped:
+                if stream.stopped:
                     return False
                 if should_stop():
                     state.cancelled = True
@@ -625,21 +581,21 @@ class Gpt4AllEngine:
         if state.error is not None:  # the model's state is unknown now: a plain error gets the instance replaced
             raise RuntimeError(f"gpt4all: {state.error}")
         if state.cancelled:
-            return _Generated(stops.emitted, len(ends), None, [])
-        if not stops.stopped:
-            tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
+            return _Generated(stream.emitted, len(ends), None, [])
+        if not stream.stopped:
+            tail, _ = stream.flush()
             if tail:
                 emit(TextDelta(tail))
         held = int(self._ctx.n_past) - start  # tokens the library accepted (it may drop some it held back)
-        kept, pending = _tokens_within(bytes(raw), ends[:held], stops.emitted)
+        kept, pending = _tokens_within(bytes(raw), ends[:held], stream.emitted)
         self._ctx.n_past = start + kept
-        if stops.stopped:
+        if stream.stopped:
             finish = "stop"
         elif len(ends) >= limit or int(self._ctx.n_past) + 1 >= self.context_size:
             finish = "length"  # max_tokens, or the context is full (gpt4all stops a token short of it)
         else:
             finish = "stop"
-        return _Generated(stops.emitted, len(ends), finish, [(pending, special)] if pending else [])
+        return _Generated(stream.emitted, len(ends), finish, [(pending, special)] if pending else [])
 
     def _apply_sampling(self, sampling: Sampling) -> None:
         ctx = self._ctx

@@ -70,6 +70,7 @@ from lllmsd.core.tasks import (
     Usage,
 )
 from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.engines.textstream import TextStream
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter, UnsupportedTask
 
 log = logging.getLogger(__name__)
@@ -164,61 +165,6 @@ def response_grammar(task: ChatTask) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- text handling
-
-
-def partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
-
-
-class TextStream:
-    """Decodes token bytes into text, cuts at stop sequences and releases only text that cannot turn
-    into one, together with the logprobs of the tokens that text came from."""
-
-    def __init__(self, stops: tuple[str, ...], offset: int = 0) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.offset = offset  # text_offset of the first generated character (the echoed prompt's length)
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text = ""
-        self.sent = 0
-        self.pending: list[tuple[int, TokenLogprob]] = []  # (start in text, logprob) not yet released
-        self.stopped = False
-
-    def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> None:
-        start = len(self.text)
-        self.text += self.decoder.decode(piece)
-        if logprob is not None:
-            self.pending.append((start, replace(logprob, text_offset=self.offset + start)))
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-
-    def release(self, hold_all: bool = False) -> tuple[str, tuple[TokenLogprob, ...]]:
-        if hold_all:
-            return "", ()
-        end = len(self.text) if self.stopped else len(self.text) - partial_stop(self.text, self.stops)
-        return self._take(end)
-
-    def flush(self) -> tuple[str, tuple[TokenLogprob, ...]]:
-        if not self.stopped:
-            self.text += self.decoder.decode(b"", final=True)
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> tuple[str, tuple[TokenLogprob, ...]]:
-        if end <= self.sent:
-            return "", ()
-        delta = self.text[self.sent : end]
-        self.sent = end
-        ready = tuple(lp for start, lp in self.pending if start < end)
-        self.pending = [(start, lp) for start, lp in self.pending if start >= end]
-        return delta, ready
 
 
 def compact_json_prefix(raw: str) -> tuple[str, bool]:

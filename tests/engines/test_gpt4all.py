@@ -32,7 +32,6 @@ from lllmsd.engines.gpt4all import (
     CHATML,
     LLAMA3,
     Gpt4AllEngine,
-    StopFilter,
     detect_format,
     format_from_config,
     read_gguf_info,
@@ -166,18 +165,6 @@ async def test_follow_up_after_a_stop_inside_a_token_matches_a_fresh_evaluation(
     fresh = await run(instance, follow_up)
     assert fresh.usage.cached_tokens == 0
     assert cached.choices[0].text == fresh.choices[0].text
-
-
-def test_stop_filter_holds_back_possible_starts() -> None:
-    stops = StopFilter(["END", "xy"])
-    assert stops.feed("abcE") == "abc"  # "E" may start "END"
-    assert stops.feed("N") == ""
-    assert stops.feed("o") == "ENo"
-    assert stops.feed(" x") == " "
-    assert stops.feed("y more") == ""
-    assert stops.stopped
-    assert stops.emitted == "abcENo "
-    assert stops.flush() == ""
 
 
 # ------------------------------------------------------------------------------------------ the cache
