@@ -69,6 +69,9 @@ class Sampling:
     """Sampling parameters. ``None`` means "the engine's OpenAI-compatible default"."""
 
     max_tokens: int | None = None
+    # The client asked for exactly max_tokens: if the prompt leaves less room, refuse (400) as OpenAI does.
+    # A default (the config's or the completions route's) is shortened to fit instead.
+    strict_max_tokens: bool = False
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

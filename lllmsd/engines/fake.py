@@ -155,11 +155,11 @@ class FakeEngine:
         self.cached = [*prompt, f"<call:{tool}>", *_words(arguments)]
         yield Usage(len(prompt), 2 * n, cached)
 
-    def _check_context(self, prompt: list[str], max_tokens: int | None) -> None:
+    def _check_context(self, prompt: list[str], max_tokens: int | None, strict: bool = False) -> None:
         if len(prompt) + 1 > self.context_size:
             raise ContextLengthExceeded(len(prompt) + 1, self.context_size)
         # OpenAI's rule: the prompt and the max_tokens the client asked for must fit in the context together
-        if max_tokens is not None and len(prompt) + max_tokens > self.context_size:
+        if strict and max_tokens is not None and len(prompt) + max_tokens > self.context_size:
             raise ContextLengthExceeded(len(prompt) + max_tokens, self.context_size, param="max_tokens")
 
     def _take_cache(self, prompt: list[str]) -> int:
@@ -179,7 +179,7 @@ class FakeEngine:
         cancel: threading.Event,
         top_logprobs: int | None,
     ) -> Iterator[GenerationEvent]:
-        self._check_context(prompt, sampling.max_tokens)
+        self._check_context(prompt, sampling.max_tokens, sampling.strict_max_tokens)
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         cached = self._take_cache(prompt)
         self.cached = list(prompt)

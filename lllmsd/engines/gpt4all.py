@@ -547,6 +547,9 @@ class Gpt4AllEngine:
         limit = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
         if limit <= 0:
             raise ContextLengthExceeded(start + 1, self.context_size)
+        if sampling.strict_max_tokens and sampling.max_tokens is not None and sampling.max_tokens > room:
+            # the client asked for more than fits beside the prompt: refuse, as OpenAI does
+            raise ContextLengthExceeded(start + sampling.max_tokens, self.context_size, param="max_tokens")
         self._apply_sampling(sampling)
         stream = TextStream(sampling.stop)
         raw = bytearray()

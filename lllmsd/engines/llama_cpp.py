@@ -409,9 +409,14 @@ class LlamaCppEngine:
     def _tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def _check_context(self, prompt: list[int], param: str) -> None:
+    def _check_context(self, prompt: list[int], param: str, sampling: Sampling | None = None) -> None:
         if len(prompt) >= self.context_size:  # at least one token must fit after the prompt
             raise ContextLengthExceeded(len(prompt), self.context_size, param=param)
+        # a max_tokens the client asked for must fit beside the prompt (a default is shortened instead)
+        if sampling is not None and sampling.strict_max_tokens and sampling.max_tokens is not None:
+            needed = len(prompt) + sampling.max_tokens
+            if needed > self.context_size:
+                raise ContextLengthExceeded(needed, self.context_size, param="max_tokens")
 
     # ------------------------------------------------------------------------------ KV cache use
 
@@ -697,7 +702,7 @@ class LlamaCppEngine:
         self._check_chat(self.config, task)
         use_tools = bool(task.tools) and task.tool_choice != "none"
         prompt, format_stops = self._render(task.messages, task.tools if use_tools else (), open_turn=True)
-        self._check_context(prompt, "messages")
+        self._check_context(prompt, "messages", task.sampling)
         grammar = resolve_grammar(self.config, task.grammar) or response_grammar(task)
         plan = Plan(
             sampling=task.sampling,
@@ -723,7 +728,7 @@ class LlamaCppEngine:
         self._require_text()
         self.check_task(self.config, task)
         prompt = self._completion_prompt(task)
-        self._check_context(prompt, "prompt")
+        self._check_context(prompt, "prompt", task.sampling)
         plan = Plan(
             sampling=task.sampling,
             max_tokens=task.sampling.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS,

@@ -257,6 +257,21 @@ async def test_context_overflow_is_400_with_both_numbers(start_app: AppFactory) 
         assert "33" in raised.value.message
 
 
+async def test_a_default_max_tokens_is_shortened_but_a_requested_one_must_fit(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"chat": fake_model(context_size=20)}))
+    prompt = " ".join(f"w{i}" for i in range(12))  # 12 tokens of 20: the default 16 does not fit
+    async with sdk(client) as api:
+        shortened = await api.completions.create(model="chat", prompt=prompt)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await api.completions.create(model="chat", prompt=prompt, max_tokens=16)
+    assert shortened.choices[0].finish_reason == "length"
+    assert shortened.usage is not None
+    assert shortened.usage.prompt_tokens + shortened.usage.completion_tokens == 20
+    assert refused.value.code == "context_length_exceeded"
+    assert refused.value.param == "max_tokens"
+    assert "28" in refused.value.message
+
+
 class ExplodingEngine:
     """An engine whose request check has a bug: the daemon must answer 500 in the envelope."""
 

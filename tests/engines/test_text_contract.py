@@ -207,6 +207,18 @@ async def test_context_overflow_is_an_error(subject: Subject) -> None:
     assert after.usage.completion_tokens > 0
 
 
+async def test_a_requested_max_tokens_must_fit_beside_the_prompt(subject: Subject) -> None:
+    too_many = Sampling(max_tokens=1_000_000, strict_max_tokens=True)  # more than any test model's context
+    for task in (ChatTask(user("Hello there"), too_many), CompletionTask("Once upon a time", too_many)):
+        with pytest.raises(ContextLengthExceeded) as error:
+            await run(subject, task)
+        assert error.value.param == "max_tokens"
+        assert error.value.prompt_tokens > error.value.context_size
+        assert str(error.value.context_size) in error.value.message
+    _, after = await run(subject, ChatTask(user("Hello"), Sampling(max_tokens=2)))  # still serving
+    assert after.usage.completion_tokens > 0
+
+
 async def test_consumer_leaving_stops_the_stream(subject: Subject) -> None:
     task = ChatTask(user(STORY), Sampling(max_tokens=200))
     subject.check(task)

@@ -248,11 +248,13 @@ class SamplingWire(WireRequest):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    def sampling(self, max_tokens: int | None, defaults: Any) -> Sampling:
+    def sampling(self, max_tokens: int | None, defaults: Any, *, requested: bool) -> Sampling:
+        """``requested``: max_tokens is the client's own value, not a default."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         sampling = Sampling(
             max_tokens=max_tokens,
+            strict_max_tokens=requested and max_tokens is not None,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -335,7 +337,7 @@ class ChatCompletionRequest(SamplingWire):
             fmt = ResponseFormat("text")
         return ChatTask(
             messages=tuple(m.to_message() for m in self.messages),
-            sampling=self.sampling(max_tokens, getattr(config, "completion_defaults", None)),
+            sampling=self.sampling(max_tokens, getattr(config, "completion_defaults", None), requested=True),
             n=self.n,
             tools=tuple(
                 ToolSpec(t.function.name, t.function.description, t.function.parameters) for t in self.tools or ()
@@ -395,7 +397,7 @@ class CompletionRequest(SamplingWire):
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return CompletionTask(
             prompt=prompt,
-            sampling=self.sampling(max_tokens, defaults),
+            sampling=self.sampling(max_tokens, defaults, requested=self.max_tokens is not None),
             n=self.n,
             best_of=self.best_of,
             echo=self.echo,
