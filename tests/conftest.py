@@ -47,6 +47,17 @@ def start_app(aiohttp_client: Any) -> AppFactory:
 
 
 @pytest.fixture
+async def hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """A local server that answers like the Hugging Face Hub (tests/hubserver.py), set as the endpoint."""
+    from tests.hubserver import start_hub
+
+    hub, endpoint = await start_hub(aiohttp_server, monkeypatch)
+    hub.endpoint = endpoint
+    yield hub
+    hub.release_all()
+
+
+@pytest.fixture
 async def client(start_app: AppFactory) -> TestClient:
     """A daemon with one fake chat model called "chat"."""
     return await start_app()

@@ -8,7 +8,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from lllmsd.api.keys import RUNTIME
@@ -17,17 +16,9 @@ from lllmsd.core.clock import ManualClock
 from lllmsd.core.store import ModelStore
 from tests.api.probe import eventually
 from tests.conftest import fake_model, make_config
-from tests.hubserver import FakeHub, HubFile, files_under, payload, start_hub
+from tests.hubserver import FakeHub, HubFile, files_under, payload
 
 SIZE = 16 * 1024
-
-
-@pytest.fixture
-async def hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    hub, endpoint = await start_hub(aiohttp_server, monkeypatch)
-    hub.endpoint = endpoint  # type: ignore[attr-defined]
-    yield hub
-    hub.release_all()
 
 
 async def daemon(

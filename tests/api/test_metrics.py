@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
 from lllmsd.core.store import ModelStore
+from tests.api.probe import eventually
 from tests.conftest import AppFactory, fake_model, make_config, sdk
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -95,7 +94,7 @@ async def test_queue_depth_busy_instances_and_concurrency_while_a_request_waits(
     pool = client.app[RUNTIME].pool("chat")
     async with pool.acquire():
         waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json={"model": "chat", "messages": FIRST}))
-        await until(lambda: pool.waiting == 1)
+        await eventually(lambda: pool.waiting == 1)
         samples = await scrape(client)
         assert value(samples, "lllmsd_queue_depth", model="chat") == 1
         assert value(samples, "lllmsd_instances", model="chat", state="busy") == 1
@@ -149,12 +148,3 @@ async def test_download_bytes_come_from_the_store(aiohttp_client: Any, tmp_path:
     assert value(samples, "lllmsd_download_size_bytes", model="other") == 0  # size not known yet
     figures[0]["bytes_done"] = 4000  # read at scrape time, never stale
     assert value(await scrape(client), "lllmsd_download_bytes", model="chat") == 4020
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the event loop run until ``condition`` holds (a state change, not a timeout)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    pytest.fail("condition never became true")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lllmsd.api.keys import RUNTIME
 from lllmsd.core.instance import InstanceState
 from lllmsd.core.runtime import Runtime
 from lllmsd.server import reload_from_file
+from tests.api.probe import eventually
 from tests.conftest import AppFactory, fake_model, make_config
 
 USER = [{"role": "user", "content": "one two three four"}]
@@ -33,15 +33,6 @@ async def chat(client: TestClient, model: str, **body: Any) -> tuple[int, dict[s
 
 async def model_ids(client: TestClient) -> list[str]:
     return [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the event loop run until ``condition`` holds (a state change, not a timeout)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    pytest.fail("condition never became true")
 
 
 async def test_an_added_model_appears(start_app: AppFactory) -> None:
@@ -77,7 +68,7 @@ async def test_a_removed_busy_model_finishes_its_requests_then_unloads(start_app
     pool = runtime.pool("a")
     async with pool.acquire() as held:
         queued = asyncio.ensure_future(chat(client, "a"))  # waits for the held instance
-        await until(lambda: pool.waiting == 1)
+        await eventually(lambda: pool.waiting == 1)
         await runtime.reload(make_config({"b": fake_model()}))
         assert (await chat(client, "a"))[0] == 404  # new requests no longer reach it
         runtime.reap()

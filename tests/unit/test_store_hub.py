@@ -15,17 +15,9 @@ from lllmsd.config import parse_config
 from lllmsd.core.store import ModelStore
 from lllmsd.errors import ModelUnavailable, ShuttingDown
 from tests.api.probe import eventually
-from tests.hubserver import FakeHub, files_under, payload, start_hub
+from tests.hubserver import FakeHub, files_under, payload
 
 SIZE = 16 * 1024
-
-
-@pytest.fixture
-async def hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    hub, endpoint = await start_hub(aiohttp_server, monkeypatch)
-    hub.endpoint = endpoint  # type: ignore[attr-defined]
-    yield hub
-    hub.release_all()
 
 
 def model(**source: Any) -> Any:
