@@ -221,3 +221,17 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "-c", str(path)])
     assert result.exit_code == 2
     assert "models.chat.ttl" in result.output
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lllmsd", "config", "check", "-c", str(ROOT / "config.example.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 models" in result.stdout
