@@ -34,7 +34,6 @@ Threading: every method runs on the instance's worker thread (see engines/base.p
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import math
 import os
@@ -48,7 +47,6 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
-from llama_cpp.llama_grammar import SchemaConverter
 
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.tasks import (
@@ -70,12 +68,21 @@ from lllmsd.core.tasks import (
     Usage,
 )
 from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.engines.llama_grammar import (
+    ENGINE,
+    TOOL_OPEN,
+    parse_tool_calls,
+    resolve_grammar,
+    response_grammar,
+    tool_call_text,
+    tool_grammar,
+    tool_instructions,
+)
 from lllmsd.engines.textstream import TextStream
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter, UnsupportedTask
 
 log = logging.getLogger(__name__)
 
-ENGINE = "llama-cpp"
 DEFAULT_CONTEXT = 4096
 DEFAULT_EMBEDDING_CONTEXT = 2048
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -87,126 +94,6 @@ RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for 
 POOLING_MEAN = llama_cpp.LLAMA_POOLING_TYPE_MEAN
 POOLING_UNSPECIFIED = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
 BAN_BIAS = -100.0  # OpenAI's "ban this token": made a hard ban (-inf), not merely unlikely
-
-TOOL_OPEN = "<tool_call>"
-TOOL_HEAD = '<tool_call>\n{"name": "'
-TOOL_ARGS = '", "arguments": '
-TOOL_TAIL = "}\n</tool_call>"
-
-
-# ------------------------------------------------------------------------------------------ grammars
-
-
-def schema_grammar(schema: dict[str, Any]) -> str:
-    """GBNF for a JSON Schema (llama-cpp-python's converter); raises on schemas it cannot express."""
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    converter.visit(converter.resolve_refs(schema, "schema"), "")
-    return converter.format_grammar()
-
-
-def tool_grammar(tools: tuple[ToolSpec, ...], parallel: bool) -> str:
-    """GBNF that accepts only well-formed calls of the given tools, one (or several, if parallel)."""
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    alternatives = []
-    for i, tool in enumerate(tools):
-        schema = tool.parameters or {"type": "object"}
-        args_rule = converter.visit(converter.resolve_refs(schema, f"tool{i}"), f"tool{i}-args")
-        head = json.dumps(f"{tool.name}{TOOL_ARGS}")
-        alternatives.append(f"{head} {args_rule}")
-    call = f"{json.dumps(TOOL_HEAD)} ( {' | '.join(alternatives)} ) {json.dumps(TOOL_TAIL)}"
-    root = 'root ::= call ( "\\n" call )*' if parallel else "root ::= call"
-    return "\n".join((root, f"call ::= {call}", converter.format_grammar()))
-
-
-def tool_instructions(tools: tuple[ToolSpec, ...]) -> str:
-    """The system-prompt text that tells a model which functions exist and how to call them."""
-    lines = ["You can call these functions (their arguments are JSON Schemas):"]
-    for tool in tools:
-        spec = {"name": tool.name, "description": tool.description or "", "parameters": tool.parameters or {}}
-        lines.append(json.dumps(spec, ensure_ascii=False))
-    lines.append(
-        "To call a function, answer with only\n"
-        f"{TOOL_HEAD}<function name>{TOOL_ARGS}<arguments as a JSON object>{TOOL_TAIL}"
-    )
-    return "\n".join(lines)
-
-
-def tool_call_text(name: str, arguments: str) -> str:
-    return f"{TOOL_HEAD}{name}{TOOL_ARGS}{arguments}{TOOL_TAIL}"
-
-
-def resolve_grammar(config: LlamaCppModelConfig, grammar: str | None) -> str | None:
-    """Inline GBNF, or a name from the config's ``grammars:`` (GBNF, or a JSON Schema as JSON text)."""
-    if grammar is None:
-        return None
-    text = config.grammars.get(grammar, grammar)
-    if not text.strip():
-        raise InvalidRequest("grammar is empty", param="grammar")
-    if text.lstrip().startswith("{"):
-        try:
-            return schema_grammar(json.loads(text))
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise InvalidRequest(f"grammar: not a usable JSON Schema: {exc}", param="grammar") from None
-    return text
-
-
-def response_grammar(task: ChatTask) -> str | None:
-    """The grammar a chat request's response_format asks for, if any."""
-    fmt = task.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return schema_grammar(fmt.schema or {"type": "object"})
-    if fmt.type == "json_schema":
-        if fmt.schema is None:
-            raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
-        return schema_grammar(fmt.schema)
-    raise UnsupportedParameter("response_format", ENGINE, f"type {fmt.type!r}")
-
-
-# ------------------------------------------------------------------------------------- text handling
-
-
-def compact_json_prefix(raw: str) -> tuple[str, bool]:
-    """The JSON value at the start of ``raw`` without insignificant whitespace, and whether it is complete."""
-    out: list[str] = []
-    depth = 0
-    in_string = escaped = False
-    for char in raw:
-        if in_string:
-            out.append(char)
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-            continue
-        if char.isspace():
-            continue
-        out.append(char)
-        if char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}]":
-            depth -= 1
-            if depth == 0:
-                return "".join(out), True
-    return "".join(out), False
-
-
-def parse_tool_calls(text: str) -> list[tuple[str, str, bool]]:
-    """(name, compact arguments so far, complete) of each call in text the tool grammar produced."""
-    calls = []
-    for chunk in text.split(TOOL_HEAD)[1:]:
-        name, sep, rest = chunk.partition(TOOL_ARGS)
-        if not sep:
-            break  # the name is still being generated
-        arguments, complete = compact_json_prefix(rest)
-        calls.append((name, arguments, complete))
-    return calls
-
 
 # --------------------------------------------------------------------------------------------- plans
 

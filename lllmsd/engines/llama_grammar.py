@@ -1,0 +1,133 @@
+"""Structured output on llama.cpp: GBNF grammars from JSON Schemas (response_format, named grammars) and
+from tool definitions, and the one tool-call text format every model is taught and constrained to.
+
+Tool calls are written as ``<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>``; the grammar
+only admits calls of the offered tools with arguments valid for their schemas, and ``parse_tool_calls``
+reads calls (and argument fragments, while they stream) back out of that text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llama_cpp.llama_grammar import SchemaConverter
+
+from lllmsd.config import LlamaCppModelConfig
+from lllmsd.core.tasks import ChatTask, ToolSpec
+from lllmsd.errors import InvalidRequest, UnsupportedParameter
+
+ENGINE = "llama-cpp"
+
+TOOL_OPEN = "<tool_call>"
+TOOL_HEAD = '<tool_call>\n{"name": "'
+TOOL_ARGS = '", "arguments": '
+TOOL_TAIL = "}\n</tool_call>"
+
+
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """GBNF for a JSON Schema (llama-cpp-python's converter); raises on schemas it cannot express."""
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "schema"), "")
+    return converter.format_grammar()
+
+
+def tool_grammar(tools: tuple[ToolSpec, ...], parallel: bool) -> str:
+    """GBNF that accepts only well-formed calls of the given tools, one (or several, if parallel)."""
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    alternatives = []
+    for i, tool in enumerate(tools):
+        schema = tool.parameters or {"type": "object"}
+        args_rule = converter.visit(converter.resolve_refs(schema, f"tool{i}"), f"tool{i}-args")
+        head = json.dumps(f"{tool.name}{TOOL_ARGS}")
+        alternatives.append(f"{head} {args_rule}")
+    call = f"{json.dumps(TOOL_HEAD)} ( {' | '.join(alternatives)} ) {json.dumps(TOOL_TAIL)}"
+    root = 'root ::= call ( "\\n" call )*' if parallel else "root ::= call"
+    return "\n".join((root, f"call ::= {call}", converter.format_grammar()))
+
+
+def tool_instructions(tools: tuple[ToolSpec, ...]) -> str:
+    """The system-prompt text that tells a model which functions exist and how to call them."""
+    lines = ["You can call these functions (their arguments are JSON Schemas):"]
+    for tool in tools:
+        spec = {"name": tool.name, "description": tool.description or "", "parameters": tool.parameters or {}}
+        lines.append(json.dumps(spec, ensure_ascii=False))
+    lines.append(
+        "To call a function, answer with only\n"
+        f"{TOOL_HEAD}<function name>{TOOL_ARGS}<arguments as a JSON object>{TOOL_TAIL}"
+    )
+    return "\n".join(lines)
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    return f"{TOOL_HEAD}{name}{TOOL_ARGS}{arguments}{TOOL_TAIL}"
+
+
+def resolve_grammar(config: LlamaCppModelConfig, grammar: str | None) -> str | None:
+    """Inline GBNF, or a name from the config's ``grammars:`` (GBNF, or a JSON Schema as JSON text)."""
+    if grammar is None:
+        return None
+    text = config.grammars.get(grammar, grammar)
+    if not text.strip():
+        raise InvalidRequest("grammar is empty", param="grammar")
+    if text.lstrip().startswith("{"):
+        try:
+            return schema_grammar(json.loads(text))
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise InvalidRequest(f"grammar: not a usable JSON Schema: {exc}", param="grammar") from None
+    return text
+
+
+def response_grammar(task: ChatTask) -> str | None:
+    """The grammar a chat request's response_format asks for, if any."""
+    fmt = task.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return schema_grammar(fmt.schema or {"type": "object"})
+    if fmt.type == "json_schema":
+        if fmt.schema is None:
+            raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
+        return schema_grammar(fmt.schema)
+    raise UnsupportedParameter("response_format", ENGINE, f"type {fmt.type!r}")
+
+
+def compact_json_prefix(raw: str) -> tuple[str, bool]:
+    """The JSON value at the start of ``raw`` without insignificant whitespace, and whether it is complete."""
+    out: list[str] = []
+    depth = 0
+    in_string = escaped = False
+    for char in raw:
+        if in_string:
+            out.append(char)
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char.isspace():
+            continue
+        out.append(char)
+        if char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return "".join(out), True
+    return "".join(out), False
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, str, bool]]:
+    """(name, compact arguments so far, complete) of each call in text the tool grammar produced."""
+    calls = []
+    for chunk in text.split(TOOL_HEAD)[1:]:
+        name, sep, rest = chunk.partition(TOOL_ARGS)
+        if not sep:
+            break  # the name is still being generated
+        arguments, complete = compact_json_prefix(rest)
+        calls.append((name, arguments, complete))
+    return calls
