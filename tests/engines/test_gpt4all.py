@@ -28,14 +28,8 @@ from lllmsd.core.tasks import (
     Usage,
     collect_generation,
 )
-from lllmsd.engines.gpt4all import (
-    CHATML,
-    LLAMA3,
-    Gpt4AllEngine,
-    detect_format,
-    format_from_config,
-    read_gguf_info,
-)
+from lllmsd.engines.gpt4all import Gpt4AllEngine
+from lllmsd.engines.gpt4all_templates import CHATML, LLAMA3, detect_format, format_from_config, read_gguf_info
 from lllmsd.errors import ContextLengthExceeded, ModelUnavailable, UnsupportedParameter
 from tests.engines.conftest import load_instance, model_config
 from tests.setup_models import model_path
