@@ -148,7 +148,7 @@ class Gpt4AllEngine:
             self._gpt.close()
             raise ModelUnavailable(
                 f"gpt4all engine: gpt4all's llama.cpp could not load {path.name} (pre-tokenizer "
-                f"{info.pre_tokenizer!r}); it predates some architectures and pre-tokenizers, see docs-gpt4all.md"
+                f"{info.pre_tokenizer!r}); it predates some architectures and pre-tokenizers, see docs/gpt4all.md"
             )
         if config.device.threads is not None:
             self._model.set_thread_count(config.device.threads)
