@@ -64,12 +64,12 @@ class RawEngine:
         self.rate(1.0)  # warm-up, as long as the daemon clients get
 
     def rate(self, seconds: float) -> float:
-        from lllmsd.core.tasks import EmbeddingTask
+        from lllmsd.core.jobs import EmbeddingJob
 
         done, started = 0, time.perf_counter()
         while True:
             batch = self.batches[(done // RAW_BATCH) % len(self.batches)]
-            self.engine.embed(EmbeddingTask(inputs=batch))
+            self.engine.embed(EmbeddingJob(inputs=batch))
             done += len(batch)
             if time.perf_counter() - started >= seconds:
                 return done / (time.perf_counter() - started)

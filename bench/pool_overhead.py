@@ -30,9 +30,9 @@ import yaml
 
 from lllmsd.config import parse_config
 from lllmsd.core.clock import SystemClock
+from lllmsd.core.jobs import ChatJob, ChatMessage, Sampling, collect_generation
 from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
-from lllmsd.core.tasks import ChatMessage, ChatTask, Sampling, collect_generation
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.fake import FakeEngine
 
@@ -53,7 +53,7 @@ def bench_engine(n: int) -> list[float]:
     samples = []
     for _ in range(n):
         start = time.perf_counter()
-        collect_generation(engine.chat(ChatTask(MESSAGES, Sampling()), cancel))
+        collect_generation(engine.chat(ChatJob(MESSAGES, Sampling()), cancel))
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -68,10 +68,10 @@ async def bench_pool(n: int) -> list[float]:
     samples = []
     try:
         for _ in range(n):
-            task = ChatTask(MESSAGES, Sampling())
+            job = ChatJob(MESSAGES, Sampling())
             start = time.perf_counter()
-            async with pool.acquire(task.context()) as instance:
-                [event async for event in instance.generate(task)]
+            async with pool.acquire(job.context()) as instance:
+                [event async for event in instance.generate(job)]
             samples.append(time.perf_counter() - start)
     finally:
         await pool.close(1)

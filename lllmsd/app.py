@@ -10,7 +10,7 @@ from aiohttp import web
 
 from lllmsd.api import audio, embeddings, models, status, text
 from lllmsd.api.auth import auth_middleware
-from lllmsd.api.keys import CONFIG, RUNTIME
+from lllmsd.api.keys import RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
 from lllmsd.api.middleware import error_middleware, request_context_middleware
 from lllmsd.api.openapi import setup_openapi
@@ -18,6 +18,8 @@ from lllmsd.config import DaemonConfig
 from lllmsd.core.clock import Clock
 from lllmsd.core.runtime import Runtime
 from lllmsd.core.store import ModelStore
+from lllmsd.engines.base import Engine
+from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +29,24 @@ API_PREFIXES = ("/v1", "/openai/v1")
 def create_app(
     config: DaemonConfig,
     *,
-    engines: Mapping[str, type] | None = None,
+    engines: EngineRegistry | Mapping[str, type[Engine]] | None = None,
     clock: Clock | None = None,
     store: ModelStore | None = None,
     base_dir: Path | None = None,
     reap_interval: float | None = 1.0,
 ) -> web.Application:
-    """Build the app. ``engines`` overrides engine classes by name (tests inject instrumented fakes);
-    ``base_dir`` is what relative model locations are relative to (the config file's folder)."""
+    """Build the app. ``engines`` is the engine registry ``config`` was parsed with (default: the built-in
+    engines), or a mapping of engine names to classes that replace the built-in ones (tests inject
+    instrumented fakes); ``base_dir`` is what relative model locations are relative to (the config
+    file's folder)."""
+    if not isinstance(engines, EngineRegistry):
+        engines = builtin_engines().with_classes(engines or {})
     app = web.Application(
         client_max_size=config.max_body_size,
         # outermost first: the metrics see the final status, errors (a 401 too) become envelopes
         middlewares=[request_context_middleware, metrics_middleware, error_middleware, auth_middleware],
     )
-    app[CONFIG] = config
-    runtime = Runtime(
-        config, engine_classes=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval
-    )
+    runtime = Runtime(config, engines=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval)
     app[RUNTIME] = runtime
     setup_metrics(app, runtime)
 

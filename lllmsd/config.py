@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,8 +26,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from lllmsd.core.download_source import SourceError, source_of
-from lllmsd.core.tasks import ChatMessage, ModelTask, Preload, Sampling
-from lllmsd.engines.registry import ENGINES
+from lllmsd.core.jobs import ChatMessage, ModelTask, Preload, Sampling
+
+if TYPE_CHECKING:
+    from lllmsd.engines.registry import EngineRegistry
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"
 
@@ -198,12 +200,9 @@ class ModelBase(_Section):
             return os.path.expandvars(value)
         return value
 
-    @property
-    def has_source(self) -> bool:
-        return any(v is not None for v in (self.url, self.repo, self.location))
-
     def problems(self) -> list[tuple[str, str]]:
-        """Cross-field problems as (field, message); field "" means the model itself."""
+        """Cross-field problems as (field, message); field "" means the model itself. What the engine
+        can do is checked against its class's declaration by ``DaemonConfig.problems``."""
         found: list[tuple[str, str]] = []
         if self.min_instances > self.max_instances:
             found.append(("max_instances", f"must be >= min_instances ({self.min_instances} > {self.max_instances})"))
@@ -220,11 +219,6 @@ class ModelBase(_Section):
             found.append(("allow_patterns", "give file or allow_patterns, not both"))
         if len(sources) == 1:
             found += _source_problems(self)
-        engine = self.engine  # type: ignore[attr-defined]
-        spec = ENGINES[engine]
-        if self.task not in spec.tasks:
-            can = ", ".join(sorted(t.value for t in spec.tasks))
-            found.append(("task", f"the {engine} engine cannot do {self.task.value} (it does: {can})"))
         if self.preload is not None:
             if self.task is not ModelTask.TEXT_COMPLETION:
                 found.append(("preload", "only text-completion models can preload"))
@@ -344,17 +338,13 @@ class FasterWhisperModelConfig(ModelBase):
     vad_filter: bool = Field(False, description="Skip silence with the Silero VAD.")
 
 
-ModelConfig = Annotated[
-    FakeModelConfig
-    | LlamaCppModelConfig
-    | Gpt4AllModelConfig
-    | SentenceTransformersModelConfig
-    | FasterWhisperModelConfig,
-    Field(discriminator="engine"),
-]
+MODELS_DESCRIPTION = "The models to serve, by id."
 
 
 class DaemonConfig(_Section):
+    """The whole config. Parsed through an engine registry (``parse_config``), whose
+    ``daemon_config_class`` narrows ``models`` to the config classes of the engines it knows."""
+
     listen: ListenConfig = Field(default_factory=ListenConfig, description="Where the HTTP API listens.")
     concurrency: int = Field(2, ge=1, description="Engine tasks that may run at once across all models.")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where downloaded weights go.")
@@ -379,14 +369,14 @@ class DaemonConfig(_Section):
         description="Seconds a connection may stay idle or take to send its request headers, and a JSON body "
         "may take to arrive (else 408): a slow or stalled client cannot hold a connection forever.",
     )
-    models: dict[str, ModelConfig] = Field(default_factory=dict, description="The models to serve, by id.")
+    models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
 
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_cache_dir(cls, value: Path) -> Path:
         return Path(os.path.expandvars(str(value))).expanduser()
 
-    def problems(self) -> list[tuple[str, str]]:
+    def problems(self, engines: EngineRegistry) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
         for index, key in enumerate(self.api_keys):
             if not key.get_secret_value().strip():
@@ -395,14 +385,15 @@ class DaemonConfig(_Section):
             prefix = f"models.{model_id}"
             if not re.match(MODEL_ID_PATTERN, model_id):
                 found.append((prefix, "model ids are letters, digits and . _ : @ + - (at most 128)"))
-            found += [(f"{prefix}.{field}" if field else prefix, msg) for field, msg in model.problems()]
+            problems = model.problems() + _engine_problems(model, engines)
+            found += [(f"{prefix}.{field}" if field else prefix, msg) for field, msg in problems]
         return found
 
-    def missing_engines(self) -> list[tuple[str, str]]:
+    def missing_engines(self, engines: EngineRegistry) -> list[tuple[str, str]]:
         """Models whose engine's libraries are not installed, with the command that installs them."""
         found = []
         for model_id, model in self.models.items():
-            spec = ENGINES[model.engine]
+            spec = engines[model.engine]  # type: ignore[attr-defined]
             missing = spec.missing_modules()
             if missing:
                 found.append(
@@ -414,48 +405,75 @@ class DaemonConfig(_Section):
         return found
 
 
+def _engine_problems(model: ModelBase, engines: EngineRegistry) -> list[tuple[str, str]]:
+    """What the model's engine class declares it can do, and its own checks of the options (a chat format
+    it does not know), before any weights load. Skipped when the engine's libraries are missing: that
+    is reported on its own, with the command that installs them."""
+    spec = engines[model.engine]  # type: ignore[attr-defined]
+    if spec.missing_modules():
+        return []
+    try:
+        engine_class = spec.class_for(model.task)
+    except LookupError as exc:
+        return [("task", str(exc))]
+    problems: list[tuple[str, str]] = engine_class.config_problems(model)
+    return problems
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def _format_loc(loc: tuple[Any, ...], engines: EngineRegistry) -> str:
     parts = [str(p) for p in loc]
     # a discriminated union puts the engine tag into the path (models.chat.fake.ttl): users never wrote it
-    if len(parts) >= 3 and parts[0] == "models" and parts[2] in ENGINES:
+    if len(parts) >= 3 and parts[0] == "models" and parts[2] in engines:
         del parts[2]
     return ".".join(parts)
 
 
-def _format_error(error: Mapping[str, Any]) -> tuple[str, str]:
-    path = _format_loc(tuple(error["loc"]))
+def _format_error(error: Mapping[str, Any], engines: EngineRegistry) -> tuple[str, str]:
+    path = _format_loc(tuple(error["loc"]), engines)
     kind = error["type"]
     if kind == "extra_forbidden":
         return path, "unknown key"
     if kind == "missing":
         return path, "is required"
     if kind == "union_tag_invalid":
-        known = ", ".join(ENGINES)
+        known = ", ".join(engines)
         return f"{path}.engine", f"unknown engine {error['ctx']['tag']!r} (known: {known})"
     if kind == "union_tag_not_found":
-        return f"{path}.engine", f"is required (one of: {', '.join(ENGINES)})"
+        return f"{path}.engine", f"is required (one of: {', '.join(engines)})"
     message = str(error["msg"])
     if "input" in error and not isinstance(error["input"], dict | list):
         message += f" (got {error['input']!r})"
     return path, message
 
 
-def parse_config(data: Any, *, source: str | None = None, check_installed: bool = True) -> DaemonConfig:
-    """Validate already-parsed YAML/JSON data; raise ConfigError with every problem found."""
+def default_engines(engines: EngineRegistry | None) -> EngineRegistry:
+    if engines is not None:
+        return engines
+    from lllmsd.engines.registry import builtin_engines  # the registry imports this module's classes
+
+    return builtin_engines()
+
+
+def parse_config(
+    data: Any, *, source: str | None = None, check_installed: bool = True, engines: EngineRegistry | None = None
+) -> DaemonConfig:
+    """Validate already-parsed YAML/JSON data against the engines of ``engines`` (default: the built-in
+    ones); raise ConfigError with every problem found."""
+    engines = default_engines(engines)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([("", "the config must be a mapping of keys to values")], source)
     try:
-        config = DaemonConfig.model_validate(data)
+        config = engines.daemon_config_class().model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()], source) from None
-    problems = config.problems()
+        raise ConfigError([_format_error(e, engines) for e in exc.errors()], source) from None
+    problems = config.problems(engines)
     if check_installed and not problems:
-        problems = config.missing_engines()
+        problems = config.missing_engines(engines)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -474,7 +492,11 @@ def with_env_api_keys(config: DaemonConfig, environ: Mapping[str, str]) -> Daemo
 
 
 def load_config(
-    path: str | os.PathLike[str], *, check_installed: bool = True, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    check_installed: bool = True,
+    environ: Mapping[str, str] | None = None,
+    engines: EngineRegistry | None = None,
 ) -> DaemonConfig:
     """Read and validate a YAML config file; $LLLMSD_API_KEYS (from ``environ``) adds API keys."""
     source = str(path)
@@ -491,9 +513,9 @@ def load_config(
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([("", f"{source}: invalid YAML{where}: {problem}")], source) from None
-    config = parse_config(data, source=source, check_installed=check_installed)
+    config = parse_config(data, source=source, check_installed=check_installed, engines=engines)
     return with_env_api_keys(config, os.environ if environ is None else environ)
 
 
-def config_json_schema() -> dict[str, Any]:
-    return DaemonConfig.model_json_schema(by_alias=False)
+def config_json_schema(engines: EngineRegistry | None = None) -> dict[str, Any]:
+    return default_engines(engines).daemon_config_class().model_json_schema(by_alias=False)

@@ -20,31 +20,26 @@ from pydantic_core import PydanticUndefined
 
 from lllmsd.config import (
     CompletionDefaults,
-    DaemonConfig,
     DeviceConfig,
-    FakeModelConfig,
-    FasterWhisperModelConfig,
-    Gpt4AllModelConfig,
     ListenConfig,
-    LlamaCppModelConfig,
     ModelBase,
     PreloadConfig,
-    SentenceTransformersModelConfig,
 )
+from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
-SECTIONS: list[tuple[str, type[BaseModel], type[BaseModel] | None]] = [
-    ("Daemon (top level)", DaemonConfig, None),
-    ("`listen`", ListenConfig, None),
-    ("Every model (`models.<id>`)", ModelBase, None),
-    ("`models.<id>.completion_defaults`", CompletionDefaults, None),
-    ("`models.<id>.preload`", PreloadConfig, None),
-    ("`models.<id>.device`", DeviceConfig, None),
-    ("`engine: llama-cpp`", LlamaCppModelConfig, ModelBase),
-    ("`engine: gpt4all`", Gpt4AllModelConfig, ModelBase),
-    ("`engine: sentence-transformers`", SentenceTransformersModelConfig, ModelBase),
-    ("`engine: faster-whisper`", FasterWhisperModelConfig, ModelBase),
-    ("`engine: fake`", FakeModelConfig, ModelBase),
-]
+
+def sections(engines: EngineRegistry) -> list[tuple[str, type[BaseModel], type[BaseModel] | None]]:
+    """The reference's tables: the daemon's sections, then one per engine of the registry, fake last."""
+    shared: list[tuple[str, type[BaseModel], type[BaseModel] | None]] = [
+        ("Daemon (top level)", engines.daemon_config_class(), None),
+        ("`listen`", ListenConfig, None),
+        ("Every model (`models.<id>`)", ModelBase, None),
+        ("`models.<id>.completion_defaults`", CompletionDefaults, None),
+        ("`models.<id>.preload`", PreloadConfig, None),
+        ("`models.<id>.device`", DeviceConfig, None),
+    ]
+    names = sorted(engines, key=lambda name: name == "fake")  # the test engine after the real ones
+    return shared + [(f"`engine: {name}`", engines[name].config_class, ModelBase) for name in names]
 
 
 def _render(annotation: Any) -> str:
@@ -102,9 +97,9 @@ def _rows(model: type[BaseModel], inherited: type[BaseModel] | None) -> list[str
     return rows
 
 
-def config_reference() -> str:
+def config_reference(engines: EngineRegistry | None = None) -> str:
     parts = []
-    for title, model, inherited in SECTIONS:
+    for title, model, inherited in sections(engines or builtin_engines()):
         parts.append(f"#### {title}\n")
         parts.append("| key | type | default | meaning |\n|---|---|---|---|")
         parts.extend(_rows(model, inherited))

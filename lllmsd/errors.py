@@ -102,6 +102,13 @@ class ServiceUnavailable(LllmsdError):
     type = "server_error"
     code = "service_unavailable"
 
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
 
 class QueueTimeout(ServiceUnavailable):
     code = "queue_timeout"

@@ -1,22 +1,34 @@
 """Speech made at test time with espeak-ng, converted with sox: the audio the transcription tests hear.
 
-The voice and rate were chosen because tiny.en and base both hear "quick brown fox" in every format
-(wav, mp3, ogg) with it; espeak's default voice makes base hear "quick round fox" in some encodings.
+What a model hears in espeak's voice moves with the CPU (CTranslate2's int8 kernels differ between
+instruction sets: base hears "quick round fox" on one machine and "quick brown fox" on another), so tests
+judge hearing by ``hears_fox``: most of the sentence's words, the key ones included, not one exact phrase.
 If espeak-ng or sox is missing the tests fail loudly (``make system-deps`` installs them): a skipped
 transcription suite would look green while proving nothing.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 FOX = "The quick brown fox jumps over the lazy dog."
+FOX_WORDS = frozenset({"the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"})
+KEY_WORDS = ("quick", "fox")
 FRENCH = "J'aime beaucoup la musique."
 VOICE = ("-v", "en+f3", "-s", "150")
 FRENCH_VOICE = ("-v", "fr", "-s", "130")
+
+
+def hears_fox(text: str) -> bool:
+    """Whether a transcript is the fox sentence: at least 4 of its 8 distinct words, quick and fox among
+    them ("the quick round fox jump over the lazy dog" and "the quick brown fox jump so we're going to
+    raise it on" are both what tiny or base hear on some CPU; "a cat sat on the mat" is not)."""
+    heard = set(re.findall(r"[a-z]+", text.lower()))
+    return len(FOX_WORDS & heard) >= 4 and all(word in heard for word in KEY_WORDS)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from lllmsd.api.keys import CONFIG, MODEL, RUNTIME
+from lllmsd.api.keys import MODEL, RUNTIME
 from lllmsd.api.schemas.audio import (
     AudioRequest,
     TranscriptionRequest,
@@ -26,9 +26,8 @@ from lllmsd.api.schemas.audio import (
     render,
     stream_events,
 )
-from lllmsd.api.schemas.text import reject_unsupported_task
 from lllmsd.api.sse import stream_sse
-from lllmsd.core.tasks import ModelTask
+from lllmsd.core.jobs import JobKind
 from lllmsd.errors import InvalidRequest, PayloadTooLarge
 
 CHUNK = 64 * 1024
@@ -52,7 +51,7 @@ async def translations(request: web.Request) -> web.StreamResponse:
     return await _serve(request, TranslationRequest, "translate")
 
 
-async def _serve(request: web.Request, schema: type[AudioRequest], task_name: str) -> web.StreamResponse:
+async def _serve(request: web.Request, schema: type[AudioRequest], operation: str) -> web.StreamResponse:
     form = await read_form(request)
     if "model" in form.fields and isinstance(form.fields["model"], str):
         request[MODEL] = form.fields["model"]
@@ -61,19 +60,14 @@ async def _serve(request: web.Request, schema: type[AudioRequest], task_name: st
     body = schema.model_validate(form.fields)
     if not form.audio:
         raise InvalidRequest(f"'{form.filename}' is empty", param="file")
-    runtime = request.app[RUNTIME]
-    config = runtime.model_config(body.model)
-    wanted = "transcriptions" if task_name == "transcribe" else "translations"
-    if config.task is not ModelTask.SPEECH_TO_TEXT:
-        raise reject_unsupported_task(body.model, f"audio {wanted}", config.task.value)
-    task = body.to_task(form.audio, form.filename)
-    runtime.engine_class(body.model).check_task(config, task)
-    async with runtime.pool(body.model).acquire() as instance:
-        events = instance.transcribe(task)
+    audio, filename = form.audio, form.filename
+    admission = request.app[RUNTIME].admit(body.model, JobKind.TRANSCRIPTION, lambda _: body.to_job(audio, filename))
+    async with admission.pool.acquire() as instance:
+        events = instance.transcribe(admission.job)
         if body.stream:
             return await stream_sse(request, stream_events(events), done_marker=False)
         transcript = await collect_transcript(events)
-    content_type, payload = render(transcript, body, task_name)
+    content_type, payload = render(transcript, body, operation)
     if isinstance(payload, dict):
         return web.json_response(payload)
     return web.Response(text=payload, content_type=content_type, charset="utf-8")
@@ -90,7 +84,7 @@ async def read_form(request: web.Request) -> UploadedForm:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Type must be multipart/form-data, got '{request.content_type or 'none'}'"
         )
-    config = request.app[CONFIG]
+    config = request.app[RUNTIME].config  # the running config: a reload may have changed the limits
     if request.content_length is not None and request.content_length > config.max_body_size:
         raise PayloadTooLarge(
             f"request body too large: {request.content_length} bytes "
@@ -114,7 +108,7 @@ async def read_form(request: web.Request) -> UploadedForm:
 
 async def _read_urlencoded(request: web.Request) -> UploadedForm:
     form = UploadedForm()
-    limits = _Limits(0, 0, request.app[CONFIG].client_timeout)
+    limits = _Limits(0, 0, request.app[RUNTIME].config.client_timeout)
     for name, value in (await limits.wait(request.post())).items():  # bounded by client_max_size
         key = name.removesuffix("[]")
         if name.endswith("[]") or key in LIST_FIELDS:

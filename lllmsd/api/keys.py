@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from lllmsd.config import DaemonConfig
 from lllmsd.core.runtime import Runtime
 
-CONFIG = web.AppKey("config", DaemonConfig)
+# the running config is runtime.config: a reload replaces it, so no copy of it is kept here
 RUNTIME = web.AppKey("runtime", Runtime)
 
 # per-request values the middlewares and handlers share

@@ -30,8 +30,8 @@ from lllmsd import __version__
 from lllmsd.api.keys import MODEL
 from lllmsd.api.middleware import Handler
 from lllmsd.core.instance import InstanceState
+from lllmsd.core.jobs import GenerationEvent, TextDelta, ToolCallDelta, Usage
 from lllmsd.core.runtime import Runtime
-from lllmsd.core.tasks import GenerationEvent, TextDelta, ToolCallDelta, Usage
 
 # Requests to local models take from milliseconds (embeddings, /health) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

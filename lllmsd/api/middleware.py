@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from lllmsd.api.keys import CONFIG, MODEL, REQUEST_ID
+from lllmsd.api.keys import MODEL, REQUEST_ID, RUNTIME
 from lllmsd.api.schemas.common import error_body
 from lllmsd.errors import LllmsdError
 
@@ -153,7 +153,7 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
         allowed = exc.headers.get("Allow", "")
         return f"method {request.method} is not allowed on {request.path} (allowed: {allowed})"
     if exc.status == 413:
-        return f"request body too large (limit {request.app[CONFIG].max_body_size} bytes, max_body_size)"
+        return f"request body too large (limit {request.app[RUNTIME].config.max_body_size} bytes, max_body_size)"
     return exc.reason
 
 
@@ -164,7 +164,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Type must be application/json, got '{content_type or 'none'}'"
         )
-    timeout = request.app[CONFIG].client_timeout
+    timeout = request.app[RUNTIME].config.client_timeout
     try:
         # bounded in size by client_max_size (aiohttp raises 413 beyond it) and in time: a body that stalls
         # must not hold its connection and handler forever
@@ -176,6 +176,32 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(text=f"malformed JSON body: {exc}") from None
+    except RecursionError:  # the parser's own limit, about 1,000 levels on CPython
+        raise web.HTTPBadRequest(text=_too_deep()) from None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(text="the JSON body must be an object")
+    if nesting_exceeds(data, MAX_JSON_DEPTH):
+        raise web.HTTPBadRequest(text=_too_deep())
     return data
+
+
+# Deeper bodies are refused before validation: pydantic, JSON Schema handling and grammar building all
+# recurse, and a body nested a few hundred levels deep would exhaust the stack there. Real requests nest
+# about 10 levels (a tool's JSON Schema a few more).
+MAX_JSON_DEPTH = 128
+
+
+def _too_deep() -> str:
+    return f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects and arrays)"
+
+
+def nesting_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` holds objects or arrays nested more than ``limit`` deep (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

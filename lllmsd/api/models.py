@@ -8,10 +8,12 @@ from aiohttp import web
 
 from lllmsd.api.keys import MODEL, RUNTIME
 from lllmsd.core.runtime import Runtime
+from lllmsd.errors import ModelNotFound
 
 
 def _model_object(runtime: Runtime, model_id: str) -> dict[str, Any]:
-    runtime.pool(model_id)  # 404 for an unknown id
+    if model_id not in runtime.pools:
+        raise ModelNotFound(model_id)
     return {"id": model_id, "object": "model", "created": int(runtime.started_at), "owned_by": "lllmsd"}
 
 

@@ -1,10 +1,10 @@
 """GET /openapi.json: an OpenAPI 3.1 document of every route, generated from the models that serve them.
 
-Request bodies are described by the very pydantic models the handlers validate with (api/schemas/text.py,
-embeddings.py, audio.py), response bodies by the strict models in api/schemas/responses.py, which the
-tests validate real responses against; the paths come from the app's router. So the document cannot
-drift: a new request field appears in it by itself, a changed response shape fails the tests, and a
-route nobody described is listed with ``x-undocumented: true`` (a test asserts there is none).
+Request bodies are described by the very pydantic models the handlers validate with (api/schemas/text.py
+and messages.py, embeddings.py, audio.py), response bodies by the strict models in api/schemas/bodies.py,
+which the tests validate real responses against; the paths come from the app's router. So the document
+cannot drift: a new request field appears in it by itself, a changed response shape fails the tests,
+and a route nobody described is listed with ``x-undocumented: true`` (a test asserts there is none).
 
 Every error response is the OpenAI envelope (``ErrorResponse``). HEAD routes, which aiohttp adds next to
 every GET, are left out as OpenAPI tools expect.
@@ -25,7 +25,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from lllmsd import __version__
 from lllmsd.api.keys import RUNTIME
-from lllmsd.api.schemas import responses as r
+from lllmsd.api.schemas import bodies as r
 from lllmsd.api.schemas.audio import TranscriptionRequest, TranslationRequest
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest

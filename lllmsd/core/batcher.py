@@ -3,13 +3,13 @@
 Embedding engines are far faster per input on a batch than on one input at a time (all-MiniLM on two
 cores: ~2x for torch and ~1.6x for onnxruntime from batch 1 to 32), and clients send one sentence per
 request. So requests do not take an instance each: they join the model's queue of pending requests and a
-single *drainer* task turns that queue into batches:
+single *drainer* asyncio task turns that queue into batches:
 
   1. wait for the batch window (``batch_window_ms``) unless ``max_batch_size`` inputs already wait, so an
      idle model gathers a burst instead of starting on its first request;
   2. acquire an instance from the pool - while every instance is busy, more requests pile up and join;
   3. take the pending requests, in arrival order, up to ``max_batch_size`` inputs (a single larger
-     request is never split: it runs whole), and run them as one ``EmbeddingTask`` on that instance;
+     request is never split: it runs whole), and run them as one ``EmbeddingJob`` on that instance;
   4. slice the result back, so every caller gets exactly its own vectors in its own order.
 
 With ``max_instances > 1`` the drainer starts the next batch as soon as the previous one has taken its
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.errors import EngineError, InvalidRequest, LllmsdError, ShuttingDown, TooManyRequests
 
 if TYPE_CHECKING:
@@ -77,12 +77,12 @@ def shorten(vectors: Any, dimensions: int | None) -> np.ndarray:
 
 @dataclass(eq=False)
 class _Pending:
-    task: EmbeddingTask
+    job: EmbeddingJob
     future: asyncio.Future[EmbeddingResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def size(self) -> int:
-        return len(self.task.inputs)
+        return len(self.job.inputs)
 
     @property
     def live(self) -> bool:
@@ -90,7 +90,7 @@ class _Pending:
 
 
 class EmbeddingBatcher:
-    """The batching front of one embedding model's pool. Handlers call ``await batcher.embed(task)``."""
+    """The batching front of one embedding model's pool. Handlers call ``await batcher.embed(job)``."""
 
     def __init__(
         self,
@@ -117,17 +117,17 @@ class EmbeddingBatcher:
 
     # -------------------------------------------------------------------------------------- public
 
-    async def embed(self, task: EmbeddingTask) -> EmbeddingResult:
+    async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
         """This request's vectors (float32 rows, ``dimensions`` applied) and token counts."""
         if self._closing:
             raise ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests")
         if self.dimension is not None:
-            check_dimensions(task.dimensions, self.dimension)  # refuse before queueing, not after the work
+            check_dimensions(job.dimensions, self.dimension)  # refuse before queueing, not after the work
         if self.waiting >= self.max_waiting:
             raise TooManyRequests(
                 f"too many requests are waiting for '{self.model_id}' ({self.max_waiting} at most); retry later"
             )
-        pending = _Pending(replace(task, dimensions=None))
+        pending = _Pending(replace(job, dimensions=None))
         self._pending.append(pending)
         if self.queued_inputs >= self.max_batch_size:
             self._wake.set()
@@ -139,7 +139,7 @@ class EmbeddingBatcher:
             with contextlib.suppress(ValueError):
                 self._pending.remove(pending)
             raise
-        return self._finish(result, task.dimensions)
+        return self._finish(result, job.dimensions)
 
     def flush(self) -> None:
         """End the current batch window now (tests drive the window with this instead of sleeping)."""
@@ -213,7 +213,7 @@ class EmbeddingBatcher:
             await asyncio.wait_for(self._wake.wait(), self.window)
 
     async def _run_batch(self, taken: asyncio.Future[None]) -> None:
-        async with self.pool.acquire() as instance:
+        async with self.pool.acquire(counted=False) as instance:
             batch = self._take()
             taken.set_result(None)
             if batch:
@@ -235,7 +235,7 @@ class EmbeddingBatcher:
         return batch
 
     async def _embed_batch(self, instance: ModelInstance, batch: list[_Pending]) -> None:
-        merged = EmbeddingTask(inputs=tuple(itertools.chain.from_iterable(p.task.inputs for p in batch)))
+        merged = EmbeddingJob(inputs=tuple(itertools.chain.from_iterable(p.job.inputs for p in batch)))
         try:
             self.batches_run += 1
             result = await instance.embed(merged)
@@ -261,7 +261,7 @@ class EmbeddingBatcher:
                 continue
             try:
                 self.batches_run += 1
-                result = await instance.embed(pending.task)
+                result = await instance.embed(pending.job)
                 _check_result(result, pending.size)
             except LllmsdError as exc:
                 pending.future.set_exception(exc)

@@ -20,29 +20,30 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from lllmsd.core.clock import Clock
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
     EMPTY_CONTEXT,
-    ChatTask,
-    CompletionTask,
+    ChatJob,
+    CompletionJob,
     Context,
+    EmbeddingJob,
     EmbeddingResult,
-    EmbeddingTask,
     GenerationEvent,
     Preload,
     TextDelta,
     ToolCallDelta,
     TranscriptionEvent,
-    TranscriptionTask,
+    TranscriptionJob,
     Usage,
     context_after,
 )
-from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.base import EmbeddingEngine, Engine, ModelFiles, TextEngine, TranscriptionEngine
 from lllmsd.errors import EngineError, LllmsdError
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Engine)
 
 
 class InstanceState(str, enum.Enum):
@@ -72,7 +73,7 @@ class ModelInstance:
         self,
         model_id: str,
         config: Any,
-        engine_class: type,
+        engine_class: type[Engine],
         clock: Clock,
         *,
         instance_id: str,
@@ -90,7 +91,7 @@ class ModelInstance:
         self.last_used = self.created_at
         self.requests_served = 0
         self.error: str | None = None
-        self._engine: Any = None
+        self._engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lllmsd-{instance_id}")
 
     def __repr__(self) -> str:
@@ -102,9 +103,9 @@ class ModelInstance:
         """Construct the engine (and evaluate the preload) on the worker thread."""
 
         def work() -> int:
-            self._engine = self.engine_class(self.config, files)
-            if preload is not None and (preload.messages or preload.prefix):
-                return int(self._engine.preload(preload))
+            engine = self._engine = self.engine_class(self.config, files)
+            if preload is not None and (preload.messages or preload.prefix) and isinstance(engine, TextEngine):
+                return int(engine.preload(preload))
             return 0
 
         try:
@@ -128,7 +129,7 @@ class ModelInstance:
         self.state = InstanceState.CLOSED
         engine, self._engine = self._engine, None
         try:
-            if engine is not None and hasattr(engine, "close"):
+            if engine is not None:
                 await self._in_worker(engine.close)
         except Exception:
             log.exception("instance %s: engine close failed", self.id)
@@ -160,20 +161,17 @@ class ModelInstance:
         if self.state is not InstanceState.CLOSED:
             self.state = InstanceState.ERROR
 
-    @property
-    def usable(self) -> bool:
-        return self.state in (InstanceState.IDLE, InstanceState.BUSY, InstanceState.LOADING)
-
     # ------------------------------------------------------------------------------------------ work
 
-    async def generate(self, task: ChatTask | CompletionTask) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, job: ChatJob | CompletionJob) -> AsyncIterator[GenerationEvent]:
         """Run chat or completion; yields events; updates the cached context when it completes."""
-        method = self._engine.chat if isinstance(task, ChatTask) else self._engine.complete
+        engine = self._loaded(TextEngine)
+        method = engine.chat if isinstance(job, ChatJob) else engine.complete
         first_choice: list[str] = []
         tool_seen = False
         usage: Usage | None = None
-        self.context = task.context()  # whatever happens next, the prompt was evaluated
-        async with contextlib.aclosing(self._stream(method, task)) as events:
+        self.context = job.context()  # whatever happens next, the prompt was evaluated
+        async with contextlib.aclosing(self._stream(method, job)) as events:
             async for event in events:
                 if isinstance(event, TextDelta) and event.choice == 0:
                     first_choice.append(event.text)
@@ -184,16 +182,23 @@ class ModelInstance:
                 yield event
         if usage is not None:
             self.cached_tokens = usage.prompt_tokens + usage.completion_tokens
-        if not tool_seen and getattr(task, "n", 1) == 1 and not getattr(task, "echo", False):
-            self.context = context_after(task, "".join(first_choice))
+        if not tool_seen and getattr(job, "n", 1) == 1 and not getattr(job, "echo", False):
+            self.context = context_after(job, "".join(first_choice))
 
-    async def embed(self, task: EmbeddingTask) -> EmbeddingResult:
-        return await self._in_worker(self._engine.embed, task, engine_call=True)
+    async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+        return await self._in_worker(self._loaded(EmbeddingEngine).embed, job, engine_call=True)
 
-    async def transcribe(self, task: TranscriptionTask) -> AsyncIterator[TranscriptionEvent]:
-        async with contextlib.aclosing(self._stream(self._engine.transcribe, task)) as events:
+    async def transcribe(self, job: TranscriptionJob) -> AsyncIterator[TranscriptionEvent]:
+        async with contextlib.aclosing(self._stream(self._loaded(TranscriptionEngine).transcribe, job)) as events:
             async for event in events:
                 yield event
+
+    def _loaded(self, capability: type[E]) -> E:
+        """The engine, as the capability a job needs (admission only sends jobs the engine serves)."""
+        engine = self._engine
+        if not isinstance(engine, capability):
+            raise EngineError(f"instance {self.id} has no loaded {capability.__name__}")
+        return engine
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any, engine_call: bool = False) -> Any:
         loop = asyncio.get_running_loop()
@@ -207,7 +212,7 @@ class ModelInstance:
             self.mark_failed(exc)
             raise self._engine_error(exc) from exc
 
-    async def _stream(self, method: Callable[..., Iterator[Any]], task: Any) -> AsyncIterator[Any]:
+    async def _stream(self, method: Callable[..., Iterator[Any]], job: Any) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -218,7 +223,7 @@ class ModelInstance:
 
         def work() -> None:
             try:
-                for event in method(task, cancel):
+                for event in method(job, cancel):
                     if cancel.is_set():
                         break
                     put(event)

@@ -1,7 +1,10 @@
 """ModelPool: the instances of one model, who gets which, and when they come and go.
 
-A request takes an instance with ``async with pool.acquire(task) as instance:``. The choice, for the
-request at the head of the queue, is, in order:
+A request takes an instance with ``async with pool.acquire(job.context()) as instance:`` (an embedding
+model's requests go through ``pool.embed(job)``: the pool's batcher merges them into engine batches, and
+its queue is the pool's, in ``waiting`` and ``GET /``). A request is handed an instance and a global
+concurrency slot together (core/limit.py). The choice, for the request at the head of the queue, is, in
+order:
   1. the idle instance whose cached context shares the longest prefix with the request's;
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
@@ -9,7 +12,10 @@ request at the head of the queue, is, in order:
   5. otherwise, wait.
 Waiters are served strictly first in, first out. Instances idle for ``ttl`` seconds are disposed (never
 below ``min_instances``) and waiters past ``queue_timeout`` are failed, both by ``reap()``, which the
-runtime calls periodically and tests call after moving an injected clock.
+runtime calls periodically and tests call after moving an injected clock. After a failed load the pool
+backs off (2, 4, 8, ... 60 s): no load starts meanwhile, and a request that nothing could serve gets 503
+at once with the last load error and a Retry-After. (A failed download only delays ``min_instances``
+refills: the next request starts it afresh.)
 
 Concurrency rules: everything here runs on the event loop thread and never blocks; loading and
 disposing happen in the instances' worker threads. Pool bookkeeping (instances, waiters) is changed only
@@ -22,16 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import Clock
 from lllmsd.core.instance import InstanceState, ModelInstance, instance_ids
+from lllmsd.core.jobs import EMPTY_CONTEXT, Context, EmbeddingJob, EmbeddingResult, ModelTask, Preload
 from lllmsd.core.limit import ConcurrencyLimit
-from lllmsd.core.tasks import EMPTY_CONTEXT, Context, Preload
-from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.base import Engine, ModelFiles
 from lllmsd.errors import (
     LllmsdError,
     ModelUnavailable,
@@ -44,12 +52,14 @@ log = logging.getLogger(__name__)
 
 FilesProvider = Callable[[], Awaitable[ModelFiles]]
 MAX_LOAD_BACKOFF = 60.0
+_LIVE = (InstanceState.LOADING, InstanceState.IDLE, InstanceState.BUSY)
 
 
 @dataclass(eq=False)
 class _Waiter:
     context: Context
     enqueued_at: float
+    counted: bool = True  # False for the batcher's own acquires: its queued requests are counted instead
     future: asyncio.Future[ModelInstance] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -58,7 +68,7 @@ class ModelPool:
         self,
         model_id: str,
         config: Any,
-        engine_class: type,
+        engine_class: type[Engine],
         *,
         files: FilesProvider,
         limiter: ConcurrencyLimit,
@@ -79,9 +89,20 @@ class ModelPool:
         self._closing = False
         self._load_failures = 0  # consecutive; reset by a successful load
         self._retry_at = 0.0  # no min-instance refill before this time after failures
+        self._engine_retry_at = 0.0  # no load at all before this time after the engine failed to load
         self._preparing = 0  # loads waiting for the store (downloads): waiters do not time out meanwhile
         self._last_error: str | None = None
         self._idle_changed = asyncio.Event()
+        self.batcher: EmbeddingBatcher | None = None
+        if config.task is ModelTask.EMBEDDING:
+            self.batcher = EmbeddingBatcher(
+                model_id,
+                self,
+                window=config.batch_window_ms / 1000,
+                max_batch_size=config.max_batch_size,
+                max_waiting=config.max_waiting,
+            )
+        limiter.subscribe(self)
 
     # --------------------------------------------------------------------------------------- public
 
@@ -90,14 +111,21 @@ class ModelPool:
         self._ensure_min()
 
     @contextlib.asynccontextmanager
-    async def acquire(self, context: Context = EMPTY_CONTEXT) -> AsyncIterator[ModelInstance]:
-        """Hand out an instance for one request; it is released whatever happens inside."""
-        instance = await self._checkout(context)
+    async def acquire(self, context: Context = EMPTY_CONTEXT, *, counted: bool = True) -> AsyncIterator[ModelInstance]:
+        """Hand out an instance (with a global concurrency slot) for one request; both are released
+        whatever happens inside. ``counted=False`` is the batcher's: its requests are counted queued
+        in ``waiting`` until a batch takes them, not the acquire that runs the batch."""
+        instance = await self._checkout(context, counted)
         try:
-            async with self._limiter:
-                yield instance
+            yield instance
         finally:
             self._checkin(instance)
+
+    async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+        """An embedding model's way in: the job joins the batcher's queue (see core/batcher.py)."""
+        if self.batcher is None:
+            raise TypeError(f"'{self.model_id}' is not an embedding model")  # admission rules this out
+        return await self.batcher.embed(job)
 
     def reap(self) -> None:
         """Dispose instances idle past their TTL, fail waiters past the queue timeout, refill the minimum."""
@@ -129,6 +157,9 @@ class ModelPool:
         self._fail_waiters(ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests"))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._until_not_busy(), grace)
+        if self.batcher is not None:  # after the grace: its running batches had their time
+            await self.batcher.close()
+        self._limiter.unsubscribe(self)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -137,7 +168,18 @@ class ModelPool:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        """Requests queued for this model: waiting for an instance, or in the batcher's queue."""
+        queued = sum(1 for w in self._waiters if w.counted and not w.future.done())
+        return queued + (self.batcher.waiting if self.batcher is not None else 0)
+
+    def oldest_waiter_since(self) -> float | None:
+        return next((w.enqueued_at for w in self._waiters if not w.future.done()), None)
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds left of the back-off after the engine failed to load (0 when loads may start). A failed
+        download does not count: the next request starts it afresh."""
+        return max(0.0, self._engine_retry_at - self.clock.now())
 
     def status(self) -> dict[str, Any]:
         return {
@@ -146,17 +188,19 @@ class ModelPool:
             "min_instances": self.config.min_instances,
             "max_instances": self.config.max_instances,
             "last_error": self._last_error,
+            **({"batches_run": self.batcher.batches_run} if self.batcher is not None else {}),
         }
 
     # ------------------------------------------------------------------------------------- checkout
 
-    async def _checkout(self, context: Context) -> ModelInstance:
+    async def _checkout(self, context: Context, counted: bool) -> ModelInstance:
         if self._closing:
             raise ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests")
-        waiter = _Waiter(context=context, enqueued_at=self.clock.now())
+        self._refuse_while_backing_off()
+        waiter = _Waiter(context=context, enqueued_at=self.clock.now(), counted=counted)
         self._waiters.append(waiter)
-        self._dispatch()
-        if not waiter.future.done() and self.waiting > self.config.max_waiting:
+        self.dispatch()
+        if not waiter.future.done() and counted and self.waiting > self.config.max_waiting:
             self._waiters.remove(waiter)
             waiter.future.cancel()
             raise TooManyRequests(
@@ -173,14 +217,26 @@ class ModelPool:
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
-                self._dispatch()
+                self.dispatch()
             raise
+
+    def _refuse_while_backing_off(self) -> None:
+        """After failed loads nothing starts a new load until the back-off ends: a request that no
+        instance could serve gets the last load error now, not a load that fails again."""
+        wait = self.retry_in
+        if wait > 0 and not any(i.state in _LIVE for i in self.instances):
+            raise ModelUnavailable(
+                f"{self._last_error or f'model {self.model_id!r} failed to load'} "
+                f"(the next load is tried in {wait:.0f}s)",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     def _checkin(self, instance: ModelInstance, *, served: bool = True) -> None:
         if served:
             instance.release()
         else:
             instance.unreserve()
+        self._limiter.give_back()
         if instance.state is InstanceState.ERROR:
             log.warning("%s: instance %s failed (%s); replacing it", self.model_id, instance.id, instance.error)
             self._last_error = instance.error
@@ -188,23 +244,34 @@ class ModelPool:
         elif self.config.ttl == 0 and len(self.instances) > self.config.min_instances and not self._waiters:
             self._discard(instance)
         self._idle_changed.set()
-        self._dispatch()
+        self.dispatch()
         self._ensure_min()
 
-    def _dispatch(self) -> None:
-        """Serve waiters in FIFO order from idle instances; start loads for the ones left waiting."""
+    def dispatch(self) -> None:
+        """Serve waiters in FIFO order, each with an idle instance and a global slot taken together;
+        start loads for the waiters no existing instance will serve. The limiter calls this when a slot
+        frees."""
+        out_of_slots = False
         while self._waiters:
             waiter = self._waiters[0]
             if waiter.future.done():
                 self._waiters.popleft()
                 continue
+            if not self._limiter.free:
+                out_of_slots = True  # the limiter calls back when one frees
+                break
             instance = self._choose(waiter.context)
             if instance is None:
                 break
             self._waiters.popleft()
+            self._limiter.take()
             instance.reserve()
             waiter.future.set_result(instance)
-        unserved = self.waiting - sum(1 for i in self.instances if i.state is InstanceState.LOADING)
+        waiters = sum(1 for w in self._waiters if not w.future.done())
+        coming = sum(1 for i in self.instances if i.state is InstanceState.LOADING)
+        if out_of_slots:  # idle instances will serve these once slots free: no need to load more
+            coming += sum(1 for _ in self._idle())
+        unserved = waiters - coming
         while unserved > 0 and self._can_grow():
             self._spawn()
             unserved -= 1
@@ -229,7 +296,7 @@ class ModelPool:
         return (i for i in self.instances if i.state is InstanceState.IDLE)
 
     def _can_grow(self) -> bool:
-        return not self._closing and len(self.instances) < self.config.max_instances
+        return not self._closing and len(self.instances) < self.config.max_instances and self.retry_in <= 0
 
     # ----------------------------------------------------------------------------- loading, disposing
 
@@ -246,33 +313,51 @@ class ModelPool:
                 files = await self._files()
             finally:
                 self._preparing -= 1
+        except asyncio.CancelledError:
+            self._forget(instance)
+            await instance.dispose()
+            raise
+        except Exception as exc:
+            # a failed download or verification: the store starts afresh for the next request
+            self._load_failed(instance, exc, engine_failed=False)
+            await instance.dispose()
+            return
+        try:
             await instance.load(files, self._preload)
         except asyncio.CancelledError:
             self._forget(instance)
             await instance.dispose()
             raise
         except Exception as exc:
-            self._load_failed(instance, exc)
+            self._load_failed(instance, exc, engine_failed=True)
             await instance.dispose()
             return
         self._load_failures = 0
+        self._engine_retry_at = 0.0
         self._last_error = None
         log.info("%s: instance %s ready", self.model_id, instance.id)
-        self._dispatch()
+        self.dispatch()
 
-    def _load_failed(self, instance: ModelInstance, exc: Exception) -> None:
+    def _load_failed(self, instance: ModelInstance, exc: Exception, *, engine_failed: bool) -> None:
         self._forget(instance)
         self._load_failures += 1
         self._retry_at = self.clock.now() + min(MAX_LOAD_BACKOFF, 2.0**self._load_failures)
-        if isinstance(exc, LllmsdError):
+        if engine_failed:  # the same weights would fail the same way: no load on demand before then either
+            self._engine_retry_at = self._retry_at
+        if isinstance(exc, LllmsdError) and exc.status >= 500:
             error: LllmsdError = exc
+            log.error("%s: instance %s cannot load: %s", self.model_id, instance.id, exc.message)
+        elif isinstance(exc, LllmsdError):
+            # a fault in the model's own config that shows only at load (a chat format the weights lack):
+            # the server's fault, not the waiting clients'
+            error = ModelUnavailable(f"model '{self.model_id}' cannot load: {exc.message}")
             log.error("%s: instance %s cannot load: %s", self.model_id, instance.id, exc.message)
         else:
             error = ModelUnavailable(f"model '{self.model_id}' failed to load: {type(exc).__name__}: {exc}")
             log.error("%s: instance %s failed to load", self.model_id, instance.id, exc_info=exc)
         self._last_error = error.message
         # Nothing else can serve the waiters: tell them now instead of letting them time out.
-        if not any(i.state in (InstanceState.IDLE, InstanceState.BUSY, InstanceState.LOADING) for i in self.instances):
+        if not any(i.state in _LIVE for i in self.instances):
             self._fail_waiters(error)
 
     def _discard(self, instance: ModelInstance) -> None:

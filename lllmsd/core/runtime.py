@@ -1,7 +1,8 @@
 """Runtime: everything one daemon runs, built from one config. No globals: tests build one per config.
 
-It owns the store, one ModelPool per model, the global concurrency limiter shared by all pools, and the
-background reaper. The HTTP layer reaches models only through ``runtime.pool(model_id)``.
+It owns the store, one ModelPool per model (the pool knows its config and engine class: there is one
+routing table, ``pools``), the global concurrency limiter shared by all pools, and the background reaper.
+The HTTP layer reaches models only through ``runtime.admit`` (core/admission.py).
 """
 
 from __future__ import annotations
@@ -9,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lllmsd.config import DaemonConfig
-from lllmsd.core.batcher import EmbeddingBatcher
+from lllmsd.core.admission import Admission, J, admit
 from lllmsd.core.clock import Clock, SystemClock
 from lllmsd.core.instance import InstanceState
+from lllmsd.core.jobs import JobKind
 from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
-from lllmsd.core.tasks import ModelTask
-from lllmsd.engines.base import ModelFiles
-from lllmsd.engines.registry import ENGINES
-from lllmsd.errors import ModelNotFound
+from lllmsd.engines.base import Engine, ModelFiles
+from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ReloadResult:
     replaced: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     restart_needed: tuple[str, ...] = ()
+    settings_changed: tuple[str, ...] = ()  # daemon settings that took effect at once (max_audio_size, ...)
 
     def summary(self) -> str:
         parts = [
@@ -49,6 +50,8 @@ class ReloadResult:
             if ids
         ]
         text = "; ".join(parts) or "no model changed"
+        if self.settings_changed:
+            text += f"; {', '.join(self.settings_changed)} changed"
         if self.restart_needed:
             text += f" ({', '.join(self.restart_needed)} changed: takes effect after a restart)"
         return text
@@ -59,7 +62,7 @@ class Runtime:
         self,
         config: DaemonConfig,
         *,
-        engine_classes: Mapping[str, type] | None = None,
+        engines: EngineRegistry | None = None,
         clock: Clock | None = None,
         store: ModelStore | None = None,
         base_dir: Path | None = None,
@@ -68,13 +71,10 @@ class Runtime:
         self.config = config
         self.clock = clock or SystemClock()
         self.store = store or ModelStore(config.cache_dir, base_dir=base_dir, clock=self.clock)
-        self._engine_overrides = dict(engine_classes or {})
+        self.engines = engines or builtin_engines()
         self._reap_interval = reap_interval
         self.limiter = ConcurrencyLimit(config.concurrency)
         self.pools: dict[str, ModelPool] = {}
-        # embedding models' batchers, made on first use; keyed by pool so a reloaded model gets a new one
-        self._batchers: dict[ModelPool, EmbeddingBatcher] = {}
-        self.engine_classes: dict[str, type] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.started_at = self.clock.wall()
         # pools of removed or replaced models, serving what they already hold until idle (see reload)
@@ -85,7 +85,6 @@ class Runtime:
     async def start(self) -> None:
         for model_id, model in self.config.models.items():
             engine_class = await self._load_engine_class(model)
-            self.engine_classes[model_id] = engine_class
             self.pools[model_id] = self._make_pool(model_id, model, engine_class)
         await self._prepare(self.config.models)
         for pool in self.pools.values():
@@ -108,14 +107,11 @@ class Runtime:
             if isinstance(result, BaseException):
                 log.error("%s: not ready at start-up: %s", model_id, getattr(result, "message", result))
 
-    async def _load_engine_class(self, model: Any) -> type:
-        engine_class = self._engine_overrides.get(model.engine)
-        if engine_class is None:
-            # importing an engine module pulls in its library (torch, llama_cpp): not on the event loop
-            engine_class = await asyncio.to_thread(ENGINES[model.engine].load_class)
-        return engine_class
+    async def _load_engine_class(self, model: Any) -> type[Engine]:
+        # importing an engine module can pull in its library (llama_cpp, ctranslate2): not on the event loop
+        return await asyncio.to_thread(self.engines[model.engine].class_for, model.task)
 
-    def _make_pool(self, model_id: str, model: Any, engine_class: type) -> ModelPool:
+    def _make_pool(self, model_id: str, model: Any, engine_class: type[Engine]) -> ModelPool:
         async def files() -> ModelFiles:
             return await self.store.files(model_id, model)
 
@@ -132,8 +128,6 @@ class Runtime:
         pools = [*self.pools.values(), *self.retiring]
         self.retiring = []
         await asyncio.gather(*(p.close(self.config.shutdown_grace) for p in pools), *self._closing)
-        # after the pools: their running batches had the grace period; whatever still waits is failed
-        await asyncio.gather(*(b.close() for b in self._batchers.values()))
         await self.store.close()  # stops downloads nobody waits for any more
 
     def reap(self) -> None:
@@ -156,12 +150,15 @@ class Runtime:
             # every engine first: a failure here leaves the running config untouched
             classes = {m: await self._load_engine_class(new[m]) for m in added + replaced}
             restart = tuple(name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name))
+            settings = tuple(
+                name
+                for name in type(self.config).model_fields
+                if name not in (*RESTART_ONLY, "models") and getattr(config, name) != getattr(self.config, name)
+            )
             self.config = config.model_copy(update={name: getattr(self.config, name) for name in RESTART_ONLY})
             for model_id in removed + replaced:
                 self.retiring.append(self.pools.pop(model_id))
-                self.engine_classes.pop(model_id, None)
             for model_id in added + replaced:
-                self.engine_classes[model_id] = classes[model_id]
                 self.pools[model_id] = self._make_pool(model_id, new[model_id], classes[model_id])
                 self.pools[model_id].start()
                 if new[model_id].prepare != "on-demand":  # a reload never waits for a download
@@ -169,20 +166,16 @@ class Runtime:
             self.pools = {m: self.pools[m] for m in new}  # listed in the config's order
             self._close_drained()
             unchanged = tuple(m for m in new if m not in added + replaced)
-            return ReloadResult(added, removed, replaced, unchanged, restart)
+            return ReloadResult(added, removed, replaced, unchanged, restart, settings)
 
     def _close_drained(self) -> None:
         """Dispose the retiring pools that no request uses or waits for any more."""
         for pool in list(self.retiring):
-            batcher = self._batchers.get(pool)
-            if pool.waiting or (batcher is not None and batcher.waiting):
-                continue
-            if any(i.state is InstanceState.BUSY for i in pool.instances):
+            if pool.waiting or any(i.state is InstanceState.BUSY for i in pool.instances):
                 continue
             self.retiring.remove(pool)
-            self._batchers.pop(pool, None)
             log.info("%s: previous configuration drained, unloading its instances", pool.model_id)
-            task = asyncio.ensure_future(_close_retired(pool, batcher))
+            task = asyncio.ensure_future(pool.close(0))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -201,42 +194,20 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ access
 
-    def pool(self, model_id: str, task: ModelTask | None = None) -> ModelPool:
-        pool = self.pools.get(model_id)
-        if pool is None:
-            raise ModelNotFound(model_id)
-        return pool
-
-    def batcher(self, model_id: str) -> EmbeddingBatcher:
-        """The batching front of an embedding model's pool: handlers embed through it, never the pool."""
-        pool = self.pool(model_id)
-        batcher = self._batchers.get(pool)
-        if batcher is None:
-            config = pool.config
-            batcher = EmbeddingBatcher(
-                model_id,
-                pool,
-                window=config.batch_window_ms / 1000,
-                max_batch_size=config.max_batch_size,
-                max_waiting=config.max_waiting,
-            )
-            self._batchers[pool] = batcher
-        return batcher
-
-    def model_config(self, model_id: str) -> Any:
-        return self.pool(model_id).config
-
-    def engine_class(self, model_id: str) -> type:
-        self.pool(model_id)
-        return self.engine_classes[model_id]
+    def admit(self, model_id: str, kind: JobKind, build: Callable[[Any], J]) -> Admission[J]:
+        """The one way a request reaches a model: see core/admission.py."""
+        return admit(self.pools, model_id, kind, build)
 
     def status(self) -> dict[str, Any]:
         models = {}
         for model_id, pool in self.pools.items():
             model = pool.config
+            engine = pool.engine_class
             models[model_id] = {
                 "engine": model.engine,
                 "task": model.task.value,
+                "serves": sorted(kind.value for kind in engine.serves if kind.task is model.task),
+                "features": sorted(feature.value for feature in engine.features),
                 "state": _model_state(pool),
                 **pool.status(),
             }
@@ -248,12 +219,6 @@ class Runtime:
             "retiring": [{"model": pool.model_id, **pool.status()} for pool in self.retiring],
             "downloads": self.store.status(),
         }
-
-
-async def _close_retired(pool: ModelPool, batcher: EmbeddingBatcher | None) -> None:
-    await pool.close(0)
-    if batcher is not None:
-        await batcher.close()
 
 
 def _model_state(pool: ModelPool) -> str:

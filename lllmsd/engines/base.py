@@ -1,7 +1,18 @@
-"""The engine seam: what the core asks of a backend, and nothing more.
+"""The engine seam: what the core asks of a backend, and what a backend declares about itself.
 
 An engine class is constructed once per model instance; the constructor loads the weights (it may take
 seconds) and ``close()`` frees them. Engines never see HTTP, OpenAI wire schemas or the pool.
+
+What an engine can do is declared once, on its class, and everything else reads that declaration:
+- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription), each one method of
+  the matching base class below. The model tasks it can be configured for follow from them.
+- ``features``: the optional parts of a job it honours (n, logprobs, tools, ...). Admission refuses a job
+  that uses any other feature with a 400 naming the request parameter, before the request queues;
+  ``GET /`` lists the declaration; the contract tests test each declared feature and the refusal of
+  every other one.
+- ``config_problems``: what only this engine can judge about a model's options, at config load.
+- ``check_job``: what only this engine can judge about one job (a grammar that does not compile, a
+  language it does not know). It runs on the event loop before the request queues: cheap, no weights.
 
 Threading rule: every method of one engine object, the constructor included, is called from that
 instance's own worker thread, one call at a time. An engine therefore needs no locks of its own; it must
@@ -18,20 +29,22 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from lllmsd.core.tasks import (
-    ChatTask,
-    CompletionTask,
+from lllmsd.core.jobs import (
+    ChatJob,
+    CompletionJob,
+    EmbeddingJob,
     EmbeddingResult,
-    EmbeddingTask,
+    Feature,
     GenerationEvent,
+    Job,
+    JobKind,
+    ModelTask,
     Preload,
     TranscriptionEvent,
-    TranscriptionTask,
+    TranscriptionJob,
 )
-
-Task = ChatTask | CompletionTask | EmbeddingTask | TranscriptionTask
 
 if TYPE_CHECKING:
     from lllmsd.config import ModelBase
@@ -44,45 +57,67 @@ class ModelFiles:
     path: Path | None
 
 
-@runtime_checkable
-class Engine(Protocol):
-    name: ClassVar[str]
+class Engine:
+    """Base of every engine class. Subclass the capability classes below, one per kind of job served."""
 
-    def __init__(self, config: ModelBase, files: ModelFiles) -> None: ...
+    name: ClassVar[str]
+    serves: ClassVar[frozenset[JobKind]] = frozenset()
+    features: ClassVar[frozenset[Feature]] = frozenset()
+
+    def __init__(self, config: Any, files: ModelFiles) -> None:
+        self.config = config
+        self.files = files
 
     @classmethod
-    def check_task(cls, config: ModelBase, task: Task) -> None:
-        """Raise UnsupportedParameter / InvalidRequest for what this engine cannot honour.
+    def tasks(cls) -> frozenset[ModelTask]:
+        """The model tasks this engine class can be configured for."""
+        return frozenset(kind.task for kind in cls.serves)
 
-        Called on the event loop before the request queues, so it must be cheap and touch no weights:
-        a request the engine cannot serve is refused at once, never after waiting for an instance.
-        """
-        ...
+    @classmethod
+    def config_problems(cls, config: ModelBase) -> list[tuple[str, str]]:
+        """Problems with a model's options that only this engine can see, as (field, message), found when
+        the config loads (and by ``lllmsd config check``), before any weights load."""
+        return []
 
-    def close(self) -> None: ...
+    @classmethod
+    def check_job(cls, config: ModelBase, job: Job) -> None:
+        """Raise UnsupportedParameter / InvalidRequest for what this engine cannot honour beyond its
+        declared features. Called on the event loop before the request queues: cheap, no weights."""
+
+    def close(self) -> None:
+        """Free the weights. Called once, on the worker thread."""
 
 
-@runtime_checkable
-class TextEngine(Engine, Protocol):
+class TextEngine(Engine):
     """Chat and completions. Each call yields TextDelta/ToolCallDelta events, one ChoiceEnd per choice,
     and a Usage event last."""
 
-    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]: ...
+    serves: ClassVar[frozenset[JobKind]] = frozenset({JobKind.CHAT, JobKind.COMPLETION})
 
-    def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]: ...
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        raise NotImplementedError
+
+    def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        raise NotImplementedError
 
     def preload(self, preload: Preload) -> int:
         """Evaluate the preload context; return how many tokens are now cached."""
-        ...
+        raise NotImplementedError
 
 
-@runtime_checkable
-class EmbeddingEngine(Engine, Protocol):
-    def embed(self, task: EmbeddingTask) -> EmbeddingResult: ...
+class EmbeddingEngine(Engine):
+    """One full-length vector per input (the pool applies ``dimensions``) and each input's token count."""
+
+    serves: ClassVar[frozenset[JobKind]] = frozenset({JobKind.EMBEDDING})
+
+    def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+        raise NotImplementedError
 
 
-@runtime_checkable
-class TranscriptionEngine(Engine, Protocol):
+class TranscriptionEngine(Engine):
     """Yields one TranscriptInfo first, then the segments as they are decoded."""
 
-    def transcribe(self, task: TranscriptionTask, cancel: threading.Event) -> Iterator[TranscriptionEvent]: ...
+    serves: ClassVar[frozenset[JobKind]] = frozenset({JobKind.TRANSCRIPTION})
+
+    def transcribe(self, job: TranscriptionJob, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
+        raise NotImplementedError

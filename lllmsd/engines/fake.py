@@ -9,9 +9,13 @@ What it answers, so tests can assert it:
 - tools: with tool_choice "required" or a function name, or "auto" when the last user message names a
   tool, it calls that tool with arguments ``{"text": <last user message>}``.
 - embeddings: unit vectors derived from a hash of the text (equal texts, equal vectors).
-- transcription: "fake transcript of N bytes", in one segment.
-- grammar, JSON response formats and logprobs of an echoed prompt are refused (400), as a real engine
-  refuses what it cannot honour; seed is honoured trivially (the output never varies).
+- transcription: "fake transcript of N bytes" ("fake translation ..." for translations), in one segment,
+  with its words spread evenly over the audio when word timestamps are asked for.
+- best_of and suffix are honoured trivially: every candidate is the same, and the answer (the prompt's
+  words) does not depend on what follows the prompt.
+- grammar, JSON response formats and logprobs of an echoed prompt are not among its declared features,
+  so admission refuses them (400), as for a real engine; seed is honoured trivially (the output never
+  varies), and so are logit_bias and the penalties.
 
 Its token cache is real bookkeeping: it remembers the tokens it evaluated and reports how many of the
 next prompt's leading tokens it already held as ``cached_tokens``, so the pool's routing can be tested.
@@ -28,14 +32,16 @@ import time
 from collections.abc import Iterator
 
 from lllmsd.config import FakeModelConfig
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
+    ChatJob,
     ChatMessage,
-    ChatTask,
     ChoiceEnd,
-    CompletionTask,
+    CompletionJob,
+    EmbeddingJob,
     EmbeddingResult,
-    EmbeddingTask,
+    Feature,
     GenerationEvent,
+    JobKind,
     Preload,
     TextDelta,
     TokenLogprob,
@@ -43,12 +49,13 @@ from lllmsd.core.tasks import (
     TopLogprob,
     TranscriptInfo,
     TranscriptionEvent,
-    TranscriptionTask,
+    TranscriptionJob,
     TranscriptSegment,
+    TranscriptWord,
     Usage,
 )
-from lllmsd.engines.base import ModelFiles, Task
-from lllmsd.errors import ContextLengthExceeded, UnsupportedParameter
+from lllmsd.engines.base import EmbeddingEngine, ModelFiles, TextEngine, TranscriptionEngine
+from lllmsd.errors import ContextLengthExceeded
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 256
@@ -73,12 +80,13 @@ def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
     return tokens
 
 
-class FakeEngine:
+class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine):
     name = "fake"
+    serves = frozenset(JobKind)
+    features = frozenset(Feature) - {Feature.GRAMMAR, Feature.JSON_OUTPUT, Feature.ECHO_LOGPROBS}
 
     def __init__(self, config: FakeModelConfig, files: ModelFiles) -> None:
-        self.config = config
-        self.files = files
+        super().__init__(config, files)
         if config.load_delay:
             time.sleep(config.load_delay)
         if config.fail_on_load:
@@ -86,16 +94,6 @@ class FakeEngine:
         self.context_size = config.context_size or DEFAULT_CONTEXT
         self.cached: list[str] = []  # the tokens "in the KV cache"
         self.closed = False
-
-    @classmethod
-    def check_task(cls, config: FakeModelConfig, task: Task) -> None:
-        # What the fake cannot really do, it refuses like any engine, rather than ignore it.
-        if isinstance(task, ChatTask | CompletionTask) and task.grammar is not None:
-            raise UnsupportedParameter("grammar", cls.name)
-        if isinstance(task, ChatTask) and task.response_format is not None and task.response_format.type != "text":
-            raise UnsupportedParameter("response_format", cls.name, f"only text, not {task.response_format.type}")
-        if isinstance(task, CompletionTask) and task.echo and task.logprobs is not None:
-            raise UnsupportedParameter("logprobs", cls.name, "no logprobs for the echoed prompt")
 
     def close(self) -> None:
         self.closed = True
@@ -109,22 +107,22 @@ class FakeEngine:
         self.cached = tokens
         return len(tokens)
 
-    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        prompt = chat_prompt_tokens(task.messages)
-        last_user = next((m.content for m in reversed(task.messages) if m.role == "user"), None)
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        prompt = chat_prompt_tokens(job.messages)
+        last_user = next((m.content for m in reversed(job.messages) if m.role == "user"), None)
         answer = _words(last_user) or ["Hello"]
-        tool = self._tool_to_call(task, last_user or "")
+        tool = self._tool_to_call(job, last_user or "")
         if tool is not None:
-            return self._tool_call(prompt, tool, last_user or "", task.n)
-        top_logprobs = task.top_logprobs if task.logprobs else None
-        return self._generate(prompt, answer, task.sampling, task.n, cancel, top_logprobs)
+            return self._tool_call(prompt, tool, last_user or "", job.n)
+        top_logprobs = job.top_logprobs if job.logprobs else None
+        return self._generate(prompt, answer, job.sampling, job.n, cancel, top_logprobs)
 
-    def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        prompt = _words(task.prompt)
-        events = self._generate(prompt, list(prompt) or ["Hello"], task.sampling, task.n, cancel, task.logprobs)
-        if not task.echo:
+    def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        prompt = _words(job.prompt)
+        events = self._generate(prompt, list(prompt) or ["Hello"], job.sampling, job.n, cancel, job.logprobs)
+        if not job.echo:
             return events
-        return self._echoed(task.prompt, task.n, events)
+        return self._echoed(job.prompt, job.n, events)
 
     @staticmethod
     def _echoed(prompt: str, n: int, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
@@ -132,14 +130,14 @@ class FakeEngine:
             yield TextDelta(prompt, choice=choice)
         yield from events
 
-    def _tool_to_call(self, task: ChatTask, last_user: str) -> str | None:
-        if not task.tools or task.tool_choice == "none":
+    def _tool_to_call(self, job: ChatJob, last_user: str) -> str | None:
+        if not job.tools or job.tool_choice == "none":
             return None
-        names = [t.name for t in task.tools]
-        if task.tool_choice == "required":
+        names = [t.name for t in job.tools]
+        if job.tool_choice == "required":
             return names[0]
-        if task.tool_choice not in (None, "auto"):
-            return task.tool_choice
+        if job.tool_choice not in (None, "auto"):
+            return job.tool_choice
         return next((name for name in names if name in last_user), None)
 
     def _tool_call(self, prompt: list[str], tool: str, text: str, n: int) -> Iterator[GenerationEvent]:
@@ -230,10 +228,10 @@ class FakeEngine:
 
     # ------------------------------------------------------------------------------------ embeddings
 
-    def embed(self, task: EmbeddingTask) -> EmbeddingResult:
+    def embed(self, job: EmbeddingJob) -> EmbeddingResult:
         vectors = []
         counts = []
-        for item in task.inputs:
+        for item in job.inputs:
             text = item if isinstance(item, str) else " ".join(str(t) for t in item)
             counts.append(len(item) if not isinstance(item, str) else max(len(_words(item)), 1))
             vectors.append(self._vector(text, self.config.dimensions))
@@ -253,10 +251,21 @@ class FakeEngine:
 
     # --------------------------------------------------------------------------------- transcription
 
-    def transcribe(self, task: TranscriptionTask, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
-        duration = round(len(task.audio) / 32000, 3)  # as if 16 kHz 16-bit mono
-        yield TranscriptInfo(language=task.language or "en", duration=duration)
+    def transcribe(self, job: TranscriptionJob, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
+        duration = round(len(job.audio) / 32000, 3)  # as if 16 kHz 16-bit mono
+        yield TranscriptInfo(language=job.language or "en", duration=duration)
         if cancel.is_set():
             return
-        text = f"fake transcript of {len(task.audio)} bytes"
-        yield TranscriptSegment(id=0, start=0.0, end=duration, text=text)
+        text = f"fake {'translation' if job.translate else 'transcript'} of {len(job.audio)} bytes"
+        words = _timed_words(text, duration) if job.word_timestamps else ()
+        yield TranscriptSegment(id=0, start=0.0, end=duration, text=text, words=words)
+
+
+def _timed_words(text: str, duration: float) -> tuple[TranscriptWord, ...]:
+    """The words of ``text`` spread evenly over ``duration`` seconds."""
+    words = text.split()
+    step = duration / len(words)
+    return tuple(
+        TranscriptWord(start=round(i * step, 3), end=round((i + 1) * step, 3), word=f" {w}", probability=1.0)
+        for i, w in enumerate(words)
+    )

@@ -26,14 +26,16 @@ from faster_whisper.audio import decode_audio
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from lllmsd.config import FasterWhisperModelConfig
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
+    Feature,
+    Job,
     TranscriptInfo,
     TranscriptionEvent,
-    TranscriptionTask,
+    TranscriptionJob,
     TranscriptSegment,
     TranscriptWord,
 )
-from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.engines.base import ModelFiles, TranscriptionEngine
 from lllmsd.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,12 @@ FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LANGUAGE_CODES = frozenset(_LANGUAGE_CODES)
 
 
-class FasterWhisperEngine:
+class FasterWhisperEngine(TranscriptionEngine):
     name = "faster-whisper"
+    features = frozenset({Feature.TRANSLATION, Feature.WORD_TIMESTAMPS})
 
     def __init__(self, config: FasterWhisperModelConfig, files: ModelFiles) -> None:
-        self.config = config
+        super().__init__(config, files)
         if files.path is None or not Path(files.path).is_dir():
             raise ModelUnavailable(f"faster-whisper needs a CTranslate2 model folder, got {files.path}")
         self.path = Path(files.path)
@@ -67,12 +70,10 @@ class FasterWhisperEngine:
         )
 
     @classmethod
-    def check_task(cls, config: FasterWhisperModelConfig, task: Task) -> None:
-        if not isinstance(task, TranscriptionTask):
-            raise InvalidRequest("the faster-whisper engine only transcribes audio")
-        if task.language is not None and task.language not in LANGUAGE_CODES:
+    def check_job(cls, config: FasterWhisperModelConfig, job: Job) -> None:
+        if isinstance(job, TranscriptionJob) and job.language is not None and job.language not in LANGUAGE_CODES:
             raise InvalidRequest(
-                f"language '{task.language}' is not one Whisper knows; use an ISO-639-1 code such as 'en' or 'fr'",
+                f"language '{job.language}' is not one Whisper knows; use an ISO-639-1 code such as 'en' or 'fr'",
                 param="language",
             )
 
@@ -81,17 +82,17 @@ class FasterWhisperEngine:
 
     # --------------------------------------------------------------------------------- transcription
 
-    def transcribe(self, task: TranscriptionTask, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
-        self._check_model_can(task)
-        audio = decode(task.audio, task.filename)
+    def transcribe(self, job: TranscriptionJob, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
+        self._check_model_can(job)
+        audio = decode(job.audio, job.filename)
         segments, info = self.model.transcribe(
             audio,
-            language=task.language,
-            task="translate" if task.translate else "transcribe",
+            language=job.language,
+            task="translate" if job.translate else "transcribe",
             beam_size=self.config.beam_size,
-            temperature=_temperatures(task.temperature),
-            initial_prompt=task.prompt or None,
-            word_timestamps=task.word_timestamps,
+            temperature=_temperatures(job.temperature),
+            initial_prompt=job.prompt or None,
+            word_timestamps=job.word_timestamps,
             vad_filter=self.config.vad_filter,
         )
         duration = float(info.duration)
@@ -102,18 +103,18 @@ class FasterWhisperEngine:
                 return
             yield _segment(index, segment, duration)
 
-    def _check_model_can(self, task: TranscriptionTask) -> None:
+    def _check_model_can(self, job: TranscriptionJob) -> None:
         """Refuse what an English-only model would silently get wrong (faster-whisper only logs it)."""
         if self.multilingual:
             return
-        if task.translate:
+        if job.translate:
             raise InvalidRequest(
                 "this model is English-only and cannot translate; use a multilingual Whisper model",
                 param="model",
             )
-        if task.language is not None and task.language != "en":
+        if job.language is not None and job.language != "en":
             raise InvalidRequest(
-                f"this model is English-only and cannot transcribe language '{task.language}'",
+                f"this model is English-only and cannot transcribe language '{job.language}'",
                 param="language",
             )
 

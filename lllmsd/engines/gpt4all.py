@@ -30,18 +30,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from lllmsd.config import Gpt4AllModelConfig
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
+    ChatJob,
     ChatMessage,
-    ChatTask,
     ChoiceEnd,
-    CompletionTask,
+    CompletionJob,
     GenerationEvent,
+    Job,
     Preload,
     Sampling,
     TextDelta,
     Usage,
 )
-from lllmsd.engines.base import ModelFiles, Task
+from lllmsd.engines.base import ModelFiles, TextEngine
 from lllmsd.engines.gpt4all_templates import (
     Segment,
     detect_format,
@@ -49,7 +50,7 @@ from lllmsd.engines.gpt4all_templates import (
     read_gguf_info,
 )
 from lllmsd.engines.textstream import TextStream
-from lllmsd.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable, UnsupportedParameter
+from lllmsd.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,12 @@ class _Failed:
 _END = _End()
 
 
-class Gpt4AllEngine:
+class Gpt4AllEngine(TextEngine):
+    """Chat and completions with OpenAI's sampling basics (temperature, top_p, top_k, min_p, repeat
+    penalty, stop, max_tokens) and none of the optional features: one choice, no seed, no logprobs."""
+
     name = ENGINE
+    features = frozenset()
 
     def __init__(self, config: Gpt4AllModelConfig, files: ModelFiles) -> None:
         from gpt4all import GPT4All, _pyllmodel
@@ -122,7 +127,7 @@ class Gpt4AllEngine:
         path = files.path.resolve()
         if path.suffix not in (".gguf", ".bin"):  # GPT4All appends ".gguf" to other names and misses the file
             raise ModelUnavailable(f"gpt4all engine: the model file must end in .gguf: {path}")
-        self.config = config
+        super().__init__(config, files)
         info = read_gguf_info(path)
         self.format = format_from_config(
             config.prompt_template, config.system_template, detect_format(info.chat_template)
@@ -175,60 +180,17 @@ class Gpt4AllEngine:
     # ---------------------------------------------------------------------------------------- checks
 
     @classmethod
-    def check_task(cls, config: Gpt4AllModelConfig, task: Task) -> None:
-        if isinstance(task, ChatTask):
-            cls._check_chat(task)
-        elif isinstance(task, CompletionTask):
-            cls._check_completion(task)
-        else:
-            return
-        cls._check_sampling(task.sampling)
-        if task.n != 1:
-            raise UnsupportedParameter("n", ENGINE, "one choice per request")
-        if task.grammar is not None:
-            raise UnsupportedParameter("grammar", ENGINE)
-
-    @staticmethod
-    def _check_chat(task: ChatTask) -> None:
-        if task.logprobs or task.top_logprobs:
-            raise UnsupportedParameter("logprobs" if task.logprobs else "top_logprobs", ENGINE)
-        if task.tools:
-            raise UnsupportedParameter("tools", ENGINE)
-        if task.tool_choice not in (None, "none"):
-            raise UnsupportedParameter("tool_choice", ENGINE)
-        if task.response_format is not None and task.response_format.type != "text":
-            raise UnsupportedParameter("response_format", ENGINE, "only text")
-        for message in task.messages:
-            if message.role == "tool" or message.tool_calls:
-                raise UnsupportedParameter("messages", ENGINE, "tool calls and tool messages")
-            if message.role not in ("system", "user", "assistant"):
-                raise InvalidRequest(f"unknown message role {message.role!r}", param="messages")
-        if not task.messages:
-            raise InvalidRequest("messages must not be empty", param="messages")
-
-    @staticmethod
-    def _check_completion(task: CompletionTask) -> None:
-        if task.best_of not in (None, 1):
-            raise UnsupportedParameter("best_of", ENGINE)
-        if task.echo:
-            raise UnsupportedParameter("echo", ENGINE)
-        if task.suffix is not None:
-            raise UnsupportedParameter("suffix", ENGINE)
-        if task.logprobs is not None:
-            raise UnsupportedParameter("logprobs", ENGINE)
-        if not task.prompt:
+    def check_job(cls, config: Gpt4AllModelConfig, job: Job) -> None:
+        # every optional feature (n, seed, logprobs, tools, grammar, ...) is undeclared, so admission
+        # refuses it before this runs; what is left is what gpt4all's prompt API cannot take
+        if isinstance(job, ChatJob):
+            for message in job.messages:
+                if message.role not in ("system", "user", "assistant"):
+                    raise InvalidRequest(f"unknown message role {message.role!r}", param="messages")
+            if not job.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+        elif isinstance(job, CompletionJob) and not job.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-
-    @staticmethod
-    def _check_sampling(sampling: Sampling) -> None:
-        if sampling.seed is not None:
-            raise UnsupportedParameter("seed", ENGINE, "gpt4all's sampler cannot be seeded")
-        if sampling.logit_bias:
-            raise UnsupportedParameter("logit_bias", ENGINE)
-        if sampling.frequency_penalty:
-            raise UnsupportedParameter("frequency_penalty", ENGINE, "use repeat_penalty")
-        if sampling.presence_penalty:
-            raise UnsupportedParameter("presence_penalty", ENGINE, "use repeat_penalty")
 
     def close(self) -> None:
         self._session = _Session()
@@ -247,11 +209,11 @@ class Gpt4AllEngine:
             self._session = _Session("text", text=preload.prefix)
         return int(self._ctx.n_past)
 
-    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        return self._run(lambda emit, stop: self._chat(task, emit, stop), cancel)
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        return self._run(lambda emit, stop: self._chat(job, emit, stop), cancel)
 
-    def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        return self._run(lambda emit, stop: self._complete(task, emit, stop), cancel)
+    def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        return self._run(lambda emit, stop: self._complete(job, emit, stop), cancel)
 
     def _run(
         self, work: Callable[[Callable[[GenerationEvent], None], Callable[[], bool]], None], cancel: threading.Event
@@ -298,8 +260,8 @@ class Gpt4AllEngine:
             resume.release()  # wakes a helper waiting in emit(); it sees `left` and stops
             helper.join()
 
-    def _chat(self, task: ChatTask, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> None:
-        messages = task.messages
+    def _chat(self, job: ChatJob, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> None:
+        messages = job.messages
         session = self._session
         held = len(session.messages)
         if (
@@ -316,7 +278,7 @@ class Gpt4AllEngine:
         if not assistant_open:
             segments += self.format.open_assistant()
         cached, prompt_tokens = self._evaluate_prompt(segments, should_stop)
-        done = self._generate(task.sampling, emit, should_stop, special=False)
+        done = self._generate(job.sampling, emit, should_stop, special=False)
         if done.finish is None:  # cancelled: keep the prompt, forget the partial reply
             self._ctx.n_past = prompt_tokens
             self._session = _Session("chat", messages, assistant_open=True)
@@ -329,21 +291,21 @@ class Gpt4AllEngine:
         emit(Usage(prompt_tokens, done.tokens, cached))
 
     def _complete(
-        self, task: CompletionTask, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]
+        self, job: CompletionJob, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]
     ) -> None:
         session = self._session
-        if session.kind == "text" and len(task.prompt) > len(session.text) and task.prompt.startswith(session.text):
-            segments = [*session.pending, (task.prompt[len(session.text) :], True)]
+        if session.kind == "text" and len(job.prompt) > len(session.text) and job.prompt.startswith(session.text):
+            segments = [*session.pending, (job.prompt[len(session.text) :], True)]
         else:
             self._reset()
-            segments = [(task.prompt, True)]
+            segments = [(job.prompt, True)]
         cached, prompt_tokens = self._evaluate_prompt(segments, should_stop)
-        done = self._generate(task.sampling, emit, should_stop, special=True)
+        done = self._generate(job.sampling, emit, should_stop, special=True)
         if done.finish is None:
             self._ctx.n_past = prompt_tokens
-            self._session = _Session("text", text=task.prompt)
+            self._session = _Session("text", text=job.prompt)
             return
-        self._session = _Session("text", text=task.prompt + done.text, pending=done.pending)
+        self._session = _Session("text", text=job.prompt + done.text, pending=done.pending)
         emit(ChoiceEnd(done.finish))
         emit(Usage(prompt_tokens, done.tokens, cached))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lllmsd.core.tasks import ChatMessage
+from lllmsd.core.jobs import ChatMessage
 from lllmsd.errors import ModelUnavailable
 
 Segment = tuple[str, bool]  # (text, parse special tokens in it)

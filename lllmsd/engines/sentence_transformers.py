@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 
 from lllmsd.config import SentenceTransformersModelConfig
-from lllmsd.core.batcher import shorten
-from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
-from lllmsd.engines.base import ModelFiles, Task
-from lllmsd.errors import InvalidRequest, ModelUnavailable, UnsupportedTask
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult, Feature
+from lllmsd.engines.base import EmbeddingEngine, ModelFiles
+from lllmsd.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +37,12 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 MIN_CHUNK = 32
 
 
-class SentenceTransformersEngine:
+class SentenceTransformersEngine(EmbeddingEngine):
     name = "sentence-transformers"
+    features = frozenset({Feature.TOKEN_INPUT})  # token ids are decoded with the model's own tokenizer
 
     def __init__(self, config: SentenceTransformersModelConfig, files: ModelFiles) -> None:
-        self.config = config
+        super().__init__(config, files)
         folder = _model_folder(files)
         runner: _TorchRunner | _OnnxRunner
         if config.backend == "onnx":
@@ -68,24 +68,17 @@ class SentenceTransformersEngine:
             self.max_seq_length,
         )
 
-    @classmethod
-    def check_task(cls, config: SentenceTransformersModelConfig, task: Task) -> None:
-        if not isinstance(task, EmbeddingTask):
-            raise UnsupportedTask(f"the {cls.name} engine only computes embeddings", param="model")
-
     def close(self) -> None:
         self._runner.close()
 
     # ----------------------------------------------------------------------------------------- embed
 
-    def embed(self, task: EmbeddingTask) -> EmbeddingResult:
-        texts = [self._text(index, item) for index, item in enumerate(task.inputs)]
+    def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+        texts = [self._text(index, item) for index, item in enumerate(job.inputs)]
         lengths = [len(encoding.ids) for encoding in self._counter.encode_batch(texts)]
         if not self.config.truncate:
             self._check_lengths(lengths)
         vectors = self._encode(texts, lengths)
-        if task.dimensions is not None:
-            vectors = shorten(vectors, task.dimensions)
         counts = [min(length, self.max_seq_length) for length in lengths]
         return EmbeddingResult(vectors=vectors, token_counts=counts)
 

@@ -8,7 +8,7 @@ import codecs
 from collections.abc import Sequence
 from dataclasses import replace
 
-from lllmsd.core.tasks import TokenLogprob
+from lllmsd.core.jobs import TokenLogprob
 
 
 def partial_stop(text: str, stops: Sequence[str]) -> int:

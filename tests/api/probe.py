@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lllmsd.core.tasks import ChatTask, CompletionTask, GenerationEvent
+from lllmsd.core.jobs import ChatJob, CompletionJob, GenerationEvent
 from lllmsd.engines.fake import FakeEngine
 
 GATE_LIMIT = 30.0  # a forgotten gate must not hang the test run
@@ -50,16 +50,16 @@ class Probe:
                 with probe.lock:
                     probe.closed += 1
 
-            def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-                return probe.run(super().chat, task, cancel, task.messages[-1].content or "")
+            def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+                return probe.run(super().chat, job, cancel, job.messages[-1].content or "")
 
-            def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
-                return probe.run(super().complete, task, cancel, task.prompt)
+            def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+                return probe.run(super().complete, job, cancel, job.prompt)
 
         return ProbedFake
 
     def run(
-        self, method: Callable[..., Iterator[GenerationEvent]], task: Any, cancel: threading.Event, label: str
+        self, method: Callable[..., Iterator[GenerationEvent]], job: Any, cancel: threading.Event, label: str
     ) -> Iterator[GenerationEvent]:
         with self.lock:
             self.active += 1
@@ -70,7 +70,7 @@ class Probe:
                 raise TimeoutError("probe gate never opened")
             if "explode" in label:
                 raise RuntimeError("probe: exploding as asked")
-            for event in method(task, cancel):
+            for event in method(job, cancel):
                 if cancel.is_set():
                     with self.lock:
                         self.events_after_cancel += 1
@@ -81,7 +81,7 @@ class Probe:
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Wait for something another task or thread makes true (not for a TTL: TTLs use the clock)."""
+    """Wait for something another asyncio task or thread makes true (not for a TTL: TTLs use the clock)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -63,7 +63,7 @@ async def test_requests_wait_for_a_slow_download_and_all_succeed(
     waiting = [asyncio.ensure_future(chat(client, "chat", f"request {n}")) for n in range(3)]
     await hub_file.started.wait()
     runtime = client.server.app[RUNTIME]
-    await eventually(lambda: runtime.pool("chat").waiting == 3)
+    await eventually(lambda: runtime.pools["chat"].waiting == 3)
 
     # GET / shows the download while it runs
     await eventually(lambda: runtime.store.status()[0]["bytes_done"] >= 4096)
@@ -83,7 +83,7 @@ async def test_requests_wait_for_a_slow_download_and_all_succeed(
     # far past queue_timeout: waiting for bytes is not queueing
     clock.advance(10 * 300)
     runtime.reap()
-    assert runtime.pool("chat").waiting == 3
+    assert runtime.pools["chat"].waiting == 3
     assert not any(w.done() for w in waiting)
 
     hub_file.gate.set()
@@ -104,7 +104,7 @@ async def test_a_cut_off_download_fails_its_waiters_with_503_and_the_next_reques
         aiohttp_client, hub, tmp_path, {"chat": fake_model(repo="org/m", file="m.gguf", prepare="on-demand")}
     )
     waiting = [asyncio.ensure_future(chat(client, "chat")) for _ in range(2)]
-    await eventually(lambda: client.server.app[RUNTIME].pool("chat").waiting == 2)
+    await eventually(lambda: client.server.app[RUNTIME].pools["chat"].waiting == 2)
     hub_file.gate.set()
     for code, body in await asyncio.gather(*waiting):
         assert code == 503

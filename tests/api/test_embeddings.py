@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from typing import Any
 
 import numpy as np
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from lllmsd.api.keys import RUNTIME
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.engines.fake import FakeEngine
+from tests.api.probe import GATE_LIMIT, eventually
 from tests.conftest import AppFactory, fake_model, make_config, sdk
 
 PREFIXES = ["/v1", "/openai/v1"]
@@ -120,8 +124,8 @@ async def test_32_concurrent_requests_each_get_their_own_vectors_in_4_batches(st
     for answer, text in zip(answers, texts, strict=True):
         np.testing.assert_allclose(answer.data[0].embedding, expected(text), rtol=1e-6)
     runtime = client.server.app[RUNTIME]
-    assert runtime.batcher("emb").batches_run == 4
-    assert runtime.batcher("solo").batches_run == 32
+    assert runtime.pools["emb"].batcher.batches_run == 4
+    assert runtime.pools["solo"].batcher.batches_run == 32
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -204,3 +208,45 @@ async def test_an_engine_failure_is_a_500_envelope_for_every_caller(start_app: A
     for status, body in answers:
         assert_error(status, body, 500, None, "RuntimeError")  # the type only: the text stays in the log
         assert body["error"]["code"] == "engine_error"
+
+
+# ------------------------------------------------------------------------------------------ the queue
+
+
+def gated_embedder(gate: threading.Event) -> type[FakeEngine]:
+    class Gated(FakeEngine):
+        def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+            if not gate.wait(GATE_LIMIT):
+                raise TimeoutError("embedding gate never opened")
+            return super().embed(job)
+
+    return Gated
+
+
+async def test_requests_queued_for_an_embedding_model_show_in_status_and_metrics(start_app: AppFactory) -> None:
+    """The batcher's queue is the pool's: one waiting count per model, whatever the kind."""
+    gate = threading.Event()
+    config = make_config({"emb": embedding_model(max_batch_size=1, batch_window_ms=0)})
+    client = await start_app(config, engines={"fake": gated_embedder(gate)})
+    pool = client.server.app[RUNTIME].pools["emb"]
+    first = asyncio.ensure_future(post(client, {"model": "emb", "input": "running"}))
+    await eventually(lambda: any(i.state.value == "busy" for i in pool.instances))
+    queued = [asyncio.ensure_future(post(client, {"model": "emb", "input": f"queued {n}"})) for n in range(3)]
+    await eventually(lambda: pool.waiting == 3)
+    status = await (await client.get("/")).json()
+    assert status["models"]["emb"]["waiting"] == 3
+    samples = await metric_samples(client)
+    assert samples[("lllmsd_queue_depth", frozenset({("model", "emb")}))] == 3
+    gate.set()
+    for done in await asyncio.gather(first, *queued):
+        assert done[0] == 200
+    assert (await (await client.get("/")).json())["models"]["emb"]["waiting"] == 0
+
+
+async def metric_samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = await (await client.get("/metrics")).text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

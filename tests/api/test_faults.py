@@ -14,9 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
 from lllmsd.config import DaemonConfig
+from lllmsd.core.clock import ManualClock
+from lllmsd.core.jobs import ChatJob, CompletionJob, EmbeddingJob, EmbeddingResult, GenerationEvent
 from lllmsd.core.runtime import Runtime
-from lllmsd.core.tasks import ChatTask, CompletionTask, EmbeddingResult, EmbeddingTask, GenerationEvent
 from lllmsd.engines.fake import FakeEngine
+from lllmsd.errors import InvalidRequest
 from lllmsd.server import protocol_options
 from tests.api.probe import GATE_LIMIT, Probe, eventually
 from tests.conftest import AppFactory, fake_model, make_config
@@ -40,7 +42,7 @@ async def chat(client: TestClient, text: str, model: str = "chat", **extra: Any)
 
 
 def states(client: TestClient, model: str = "chat") -> list[str]:
-    return [i.state.value for i in runtime_of(client).pool(model).instances]
+    return [i.state.value for i in runtime_of(client).pools[model].instances]
 
 
 async def assert_quiet(client: TestClient) -> dict[str, Any]:
@@ -60,7 +62,7 @@ async def test_100_clients_leaving_the_queue_leave_no_waiter(start_app: AppFacto
     probe = Probe(gated=True)
     config = make_config({"chat": fake_model(max_instances=1, max_waiting=4)})
     client = await start_app(config, engines={"fake": probe.engine_class()})
-    pool = runtime_of(client).pool("chat")
+    pool = runtime_of(client).pools["chat"]
     running = asyncio.ensure_future(chat(client, "running"))
     await eventually(lambda: probe.active == 1)
     for n in range(ROUNDS):
@@ -105,7 +107,7 @@ async def test_100_clients_leaving_while_their_instance_loads_leave_nothing_behi
     config = make_config({"chat": fake_model(max_instances=1, ttl=0)})
     client = await start_app(config, engines={"fake": gate.engine_class()})
     runtime = runtime_of(client)
-    pool = runtime.pool("chat")
+    pool = runtime.pools["chat"]
     for n in range(ROUNDS):
         leaving = asyncio.ensure_future(chat(client, f"leaving {n}"))
         await eventually(lambda: states(client) == ["loading"] and pool.waiting == 1)
@@ -158,10 +160,11 @@ async def test_a_model_that_fails_to_load_answers_503_to_every_waiter_and_recove
 ) -> None:
     gate = LoadGate()
     gate.failing.set()
+    clock = ManualClock()
     config = make_config({"chat": fake_model(max_instances=1, max_waiting=16)})
-    client = await start_app(config, engines={"fake": gate.engine_class()})
+    client = await start_app(config, engines={"fake": gate.engine_class()}, clock=clock)
     waiters = [asyncio.ensure_future(chat(client, f"waiter {n}")) for n in range(8)]
-    await eventually(lambda: runtime_of(client).pool("chat").waiting == 8)
+    await eventually(lambda: runtime_of(client).pools["chat"].waiting == 8)
     gate.open.set()
     results = await asyncio.gather(*waiters)
     assert [code for code, _ in results] == [503] * 8
@@ -173,11 +176,61 @@ async def test_a_model_that_fails_to_load_answers_503_to_every_waiter_and_recove
     assert "file truncated" in status["models"]["chat"]["last_error"]
     assert (await client.get("/health")).status == 200
     gate.failing.clear()  # the weights are fixed; no restart
+    clock.advance(2)  # the back-off after one failed load
     code, body = await chat(client, "after the fix")
     assert code == 200
     assert body["choices"][0]["message"]["content"] == "after the fix"
     status = await assert_quiet(client)
     assert (status["models"]["chat"]["state"], status["models"]["chat"]["last_error"]) == ("ready", None)
+
+
+async def test_after_a_failed_load_requests_get_503_at_once_until_the_back_off_ends(start_app: AppFactory) -> None:
+    """Every request must not start a load that fails again: during the back-off (2 s, then 4, 8, ...) a
+    request gets the last load error and a Retry-After at once, and no load starts."""
+    gate = LoadGate()
+    gate.failing.set()
+    gate.open.set()
+    clock = ManualClock()
+    client = await start_app(make_config({"chat": fake_model()}), engines={"fake": gate.engine_class()}, clock=clock)
+    code, body = await chat(client, "first")
+    assert (code, body["error"]["code"], gate.loads) == (503, "model_unavailable", 1)
+    for expected_wait, _ in ((2, "first back-off"), (4, "second back-off")):
+        for _ in range(5):
+            response = await client.post("/v1/chat/completions", json={"model": "chat", "messages": user("again")})
+            body = await response.json()
+            assert response.status == 503
+            assert body["error"]["code"] == "model_unavailable"
+            assert "file truncated" in body["error"]["message"]
+            assert 1 <= int(response.headers["Retry-After"]) <= expected_wait
+        loads = gate.loads
+        clock.advance(expected_wait)  # the back-off is over: the next request tries a load again
+        code, _ = await chat(client, "retry")
+        assert code == 503
+        assert gate.loads == loads + 1
+    gate.failing.clear()
+    clock.advance(8)
+    assert (await chat(client, "fixed"))[0] == 200
+
+
+class BadChatFormat(FakeEngine):
+    """A model whose own config is wrong in a way that shows only once the weights are read."""
+
+    def __init__(self, config: Any, files: Any) -> None:
+        raise InvalidRequest(
+            "chat_format 'chat_template.tool_use': the model has no such template", param="chat_format"
+        )
+
+
+async def test_a_config_fault_that_shows_at_load_is_the_servers_503_not_the_clients_400(
+    start_app: AppFactory,
+) -> None:
+    client = await start_app(make_config({"chat": fake_model()}), engines={"fake": BadChatFormat})
+    code, body = await chat(client, "hello")
+    assert code == 503
+    assert body["error"]["type"] == "server_error"
+    assert body["error"]["code"] == "model_unavailable"
+    assert "'chat'" in body["error"]["message"]
+    assert "no such template" in body["error"]["message"]
 
 
 class AlwaysFailing(FakeEngine):
@@ -186,20 +239,20 @@ class AlwaysFailing(FakeEngine):
     def _broken(self) -> bool:
         return self.config.fail_after_tokens == 0
 
-    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         if self._broken():
             raise MemoryError("engine out of memory")
-        return super().chat(task, cancel)
+        return super().chat(job, cancel)
 
-    def complete(self, task: CompletionTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
+    def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         if self._broken():
             raise RuntimeError("engine state corrupted")
-        return super().complete(task, cancel)
+        return super().complete(job, cancel)
 
-    def embed(self, task: EmbeddingTask) -> EmbeddingResult:
+    def embed(self, job: EmbeddingJob) -> EmbeddingResult:
         if self._broken():
             raise ValueError("engine returned NaN")
-        return super().embed(task)
+        return super().embed(job)
 
 
 async def test_an_engine_that_raises_on_every_call_never_takes_the_daemon_down(start_app: AppFactory) -> None:
@@ -237,7 +290,7 @@ async def test_an_engine_that_raises_on_every_call_never_takes_the_daemon_down(s
         assert code == 200
         assert body["choices"][0]["message"]["content"] == f"good {n}"
     assert (await client.get("/health")).status == 200
-    await runtime_of(client).pool("broken").wait_idle()
+    await runtime_of(client).pools["broken"].wait_idle()
     status = await assert_quiet(client)
     assert len(status["models"]["broken"]["instances"]) <= 2
     assert status["models"]["broken"]["last_error"]

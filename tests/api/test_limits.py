@@ -107,7 +107,7 @@ async def test_max_tokens_that_cannot_fit_the_configured_context_is_400_before_q
     assert status == 400
     assert "100" in error_of(body)["message"]
     assert "64" in error_of(body)["message"]
-    assert client.server.app[RUNTIME].pool("chat").instances == []  # refused without loading anything
+    assert client.server.app[RUNTIME].pools["chat"].instances == []  # refused without loading anything
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -152,6 +152,27 @@ async def test_audio_larger_than_max_audio_size_is_413_naming_it(start_app: AppF
     response = await client.post("/v1/audio/transcriptions", data=form(10_001))
     assert response.status == 413
     assert "max_audio_size" in error_of(await response.json())["message"]
+
+
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+@pytest.mark.parametrize("depth", [129, 100_000])
+async def test_a_deeply_nested_body_is_a_400_not_a_500(client: TestClient, opener: str, depth: int) -> None:
+    closer = "]" if opener == "[" else "}"
+    inner = opener * depth + "1" + closer * depth
+    body = f'{{"model": "chat", "messages": {inner}}}'
+    response = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    error = error_of(await response.json())
+    assert "nested too deeply" in error["message"]
+    assert "128" in error["message"]
+    shallow = (
+        '{"model": "chat", "messages": [{"role": "user", "content": "fine"}], "metadata": ' + "[" * 100 + "]" * 100
+    )
+    response = await client.post(
+        "/v1/chat/completions", data=shallow + "}", headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400  # metadata is not a chat field: validation answers, not the depth check
+    assert "nested" not in error_of(await response.json())["message"]
 
 
 def test_text_limits_on_a_model_that_takes_no_prompts_are_config_errors() -> None:

@@ -91,7 +91,7 @@ async def test_requests_tokens_and_cache_hits_after_a_few_requests(client: TestC
 
 async def test_queue_depth_busy_instances_and_concurrency_while_a_request_waits(start_app: AppFactory) -> None:
     client = await start_app(make_config({"chat": fake_model(max_instances=1)}))
-    pool = client.app[RUNTIME].pool("chat")
+    pool = client.app[RUNTIME].pools["chat"]
     async with pool.acquire():
         waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json={"model": "chat", "messages": FIRST}))
         await eventually(lambda: pool.waiting == 1)

@@ -35,7 +35,7 @@ async def status(client: TestClient) -> dict[str, Any]:
 
 
 def states(client: TestClient, model: str = "chat") -> list[str]:
-    return [i.state.value for i in runtime_of(client).pool(model).instances]
+    return [i.state.value for i in runtime_of(client).pools[model].instances]
 
 
 # -------------------------------------------------------------------------------------- min and max
@@ -47,13 +47,13 @@ async def test_min_instances_load_at_start_and_come_back_after_a_failure(start_a
         make_config({"chat": fake_model(min_instances=2, max_instances=3)}), engines={"fake": probe.engine_class()}
     )
     await eventually(lambda: states(client) == ["idle", "idle"])
-    first_ids = {i.id for i in runtime_of(client).pool("chat").instances}
+    first_ids = {i.id for i in runtime_of(client).pools["chat"].instances}
 
     code, body, _ = await chat(client, user("explode now"))
     assert code == 500
     assert body["error"]["code"] == "engine_error"
     await eventually(lambda: states(client) == ["idle", "idle"])
-    ids = {i.id for i in runtime_of(client).pool("chat").instances}
+    ids = {i.id for i in runtime_of(client).pools["chat"].instances}
     assert len(ids - first_ids) == 1  # the failed one was replaced
     assert probe.created == 3
 
@@ -67,7 +67,7 @@ async def test_max_instances_hold_under_200_concurrent_requests(start_app: AppFa
     assert all(body["choices"][0]["message"]["content"] == f"request {i}" for i, (_, body, _) in enumerate(results))
     assert probe.created == 4
     assert probe.peak == 4
-    assert len(runtime_of(client).pool("chat").instances) == 4
+    assert len(runtime_of(client).pools["chat"].instances) == 4
 
 
 async def test_global_concurrency_caps_engine_calls_across_models(start_app: AppFactory) -> None:
@@ -115,11 +115,11 @@ async def test_ttl_disposes_idle_instances_down_to_min(start_app: AppFactory) ->
     probe.gate.set()
     await asyncio.gather(*requests)
     runtime = runtime_of(client)
-    assert len(runtime.pool("chat").instances) == 3
+    assert len(runtime.pools["chat"].instances) == 3
 
     clock.advance(9)
     runtime.reap()
-    assert len(runtime.pool("chat").instances) == 3
+    assert len(runtime.pools["chat"].instances) == 3
     clock.advance(2)
     runtime.reap()
     await eventually(lambda: probe.closed == 2)
@@ -149,7 +149,7 @@ async def test_ttl_zero_disposes_at_once_and_minus_one_never(start_app: AppFacto
 async def test_waiters_are_served_in_fifo_order(start_app: AppFactory) -> None:
     probe = Probe(gated=True)
     client = await start_app(make_config({"chat": fake_model(max_instances=1)}), engines={"fake": probe.engine_class()})
-    pool = runtime_of(client).pool("chat")
+    pool = runtime_of(client).pools["chat"]
     requests: list[asyncio.Future[Any]] = []
     for name in ["first", "second", "third", "fourth", "fifth"]:
         requests.append(asyncio.ensure_future(chat(client, user(name))))
@@ -163,7 +163,7 @@ async def test_waiters_are_served_in_fifo_order(start_app: AppFactory) -> None:
 async def test_a_waiter_that_disconnects_leaves_the_queue_at_once(start_app: AppFactory) -> None:
     probe = Probe(gated=True)
     client = await start_app(make_config({"chat": fake_model(max_instances=1)}), engines={"fake": probe.engine_class()})
-    pool = runtime_of(client).pool("chat")
+    pool = runtime_of(client).pools["chat"]
     running = asyncio.ensure_future(chat(client, user("running")))
     await eventually(lambda: probe.active == 1)
     leaving = asyncio.ensure_future(chat(client, user("leaving")))
@@ -181,7 +181,7 @@ async def test_max_waiting_answers_429_with_retry_after(start_app: AppFactory) -
     probe = Probe(gated=True)
     config = make_config({"chat": fake_model(max_instances=1, max_waiting=1)})
     client = await start_app(config, engines={"fake": probe.engine_class()})
-    pool = runtime_of(client).pool("chat")
+    pool = runtime_of(client).pools["chat"]
     running = asyncio.ensure_future(chat(client, user("a")))
     await eventually(lambda: probe.active == 1)
     waiting = asyncio.ensure_future(chat(client, user("b")))
@@ -200,7 +200,7 @@ async def test_queue_timeout_answers_503(start_app: AppFactory) -> None:
     probe = Probe(gated=True)
     config = make_config({"chat": fake_model(max_instances=1, queue_timeout=30)})
     client = await start_app(config, engines={"fake": probe.engine_class()}, clock=clock)
-    pool = runtime_of(client).pool("chat")
+    pool = runtime_of(client).pools["chat"]
     running = asyncio.ensure_future(chat(client, user("a")))
     await eventually(lambda: probe.active == 1)
     waiting = asyncio.ensure_future(chat(client, user("b")))
@@ -308,7 +308,7 @@ async def test_engine_failure_mid_stream_is_an_error_event_and_the_instance_is_r
     assert set(events[-1]) == {"error"}
     assert events[-1]["error"]["code"] == "engine_error"
     assert "[DONE]" not in events
-    await eventually(lambda: not runtime_of(client).pool("chat").instances)
+    await eventually(lambda: not runtime_of(client).pools["chat"].instances)
     # the next request gets a new instance (which fails the same way after one token, as configured)
     _, body, _ = await chat(client, user("z"))
     assert body["choices"][0]["message"]["content"] == "z"
@@ -328,7 +328,7 @@ async def test_disconnect_mid_stream_stops_the_engine_within_one_token(start_app
     response.close()
     await eventually(lambda: probe.active == 0 and states(client) == ["idle"])
     assert probe.events_after_cancel <= 1
-    instance = runtime_of(client).pool("chat").instances[0]
+    instance = runtime_of(client).pools["chat"].instances[0]
     assert instance.cached_tokens < 100  # it stopped long before the 2000-word answer
 
 
@@ -349,4 +349,4 @@ async def test_shutdown_lets_requests_in_flight_finish_and_disposes_everything(s
     assert body["choices"][0]["message"]["content"] == "finishing"
     await stopping
     assert probe.closed == probe.created
-    assert runtime.pool("chat").instances == []
+    assert runtime.pools["chat"].instances == []

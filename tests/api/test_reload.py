@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
 from lllmsd.api.keys import RUNTIME
@@ -49,7 +50,7 @@ async def test_a_removed_idle_model_is_gone_and_unloaded(start_app: AppFactory) 
     client = await start_app(make_config({"a": fake_model(), "b": fake_model()}))
     runtime = runtime_of(client)
     assert (await chat(client, "b"))[0] == 200
-    old_instance = runtime.pool("b").instances[0]
+    old_instance = runtime.pools["b"].instances[0]
     result = await runtime.reload(make_config({"a": fake_model()}))
     assert result.removed == ("b",)
     assert await model_ids(client) == ["a"]
@@ -65,7 +66,7 @@ async def test_a_removed_idle_model_is_gone_and_unloaded(start_app: AppFactory) 
 async def test_a_removed_busy_model_finishes_its_requests_then_unloads(start_app: AppFactory) -> None:
     client = await start_app(make_config({"a": fake_model(max_instances=1), "b": fake_model()}))
     runtime = runtime_of(client)
-    pool = runtime.pool("a")
+    pool = runtime.pools["a"]
     async with pool.acquire() as held:
         queued = asyncio.ensure_future(chat(client, "a"))  # waits for the held instance
         await eventually(lambda: pool.waiting == 1)
@@ -87,7 +88,7 @@ async def test_a_removed_busy_model_finishes_its_requests_then_unloads(start_app
 async def test_a_changed_model_is_replaced_and_the_old_instance_unloads_once_idle(start_app: AppFactory) -> None:
     client = await start_app(make_config({"a": fake_model()}))
     runtime = runtime_of(client)
-    old_pool = runtime.pool("a")
+    old_pool = runtime.pools["a"]
     async with old_pool.acquire() as old_instance:
         result = await runtime.reload(make_config({"a": fake_model(completion_defaults={"max_tokens": 2})}))
         assert result.replaced == ("a",)
@@ -100,7 +101,7 @@ async def test_a_changed_model_is_replaced_and_the_old_instance_unloads_once_idl
     runtime.reap()
     await runtime.wait_closed()
     assert old_instance.state is InstanceState.CLOSED
-    assert runtime.pool("a") is not old_pool
+    assert runtime.pools["a"] is not old_pool
     assert runtime.status()["retiring"] == []
 
 
@@ -108,10 +109,10 @@ async def test_an_unchanged_model_keeps_its_instances(start_app: AppFactory) -> 
     client = await start_app(make_config({"a": fake_model()}))
     runtime = runtime_of(client)
     assert (await chat(client, "a"))[0] == 200
-    pool = runtime.pool("a")
+    pool = runtime.pools["a"]
     result = await runtime.reload(make_config({"a": fake_model(), "b": fake_model()}))
     assert result.unchanged == ("a",)
-    assert runtime.pool("a") is pool
+    assert runtime.pools["a"] is pool
     assert pool.instances[0].state is InstanceState.IDLE
 
 
@@ -172,3 +173,22 @@ async def test_a_bad_file_is_refused_and_the_old_config_keeps_serving(
         assert await reload_from_file(runtime, tmp_path / "missing.yaml") is None
     assert "no such file" in caplog.text
     assert await model_ids(client) == ["a"]
+
+
+async def test_a_reload_that_changes_max_audio_size_takes_effect_and_says_so(start_app: AppFactory) -> None:
+    stt = {"task": "speech-to-text", "engine": "fake"}
+    client = await start_app(make_config({"stt": stt}, max_audio_size=10_000))
+
+    async def upload(size: int) -> int:
+        form = FormData()
+        form.add_field("model", "stt")
+        form.add_field("file", b"\0" * size, filename="a.wav", content_type="audio/wav")
+        return (await client.post("/v1/audio/transcriptions", data=form)).status
+
+    assert await upload(8_000) == 200
+    result = await runtime_of(client).reload(make_config({"stt": stt}, max_audio_size=5_000))
+    assert result.settings_changed == ("max_audio_size",)
+    assert "max_audio_size changed" in result.summary()
+    assert "no model changed" in result.summary()
+    assert await upload(8_000) == 413
+    assert await upload(5_000) == 200

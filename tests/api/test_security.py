@@ -25,8 +25,8 @@ from aiohttp.test_utils import TestClient
 
 from lllmsd.app import create_app
 from lllmsd.config import DaemonConfig
+from lllmsd.core.jobs import ChatJob, GenerationEvent
 from lllmsd.core.store import ModelStore
-from lllmsd.core.tasks import ChatTask, GenerationEvent
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.fake import FakeEngine
 from tests.conftest import AppFactory, fake_model, make_config, sdk
@@ -124,7 +124,7 @@ async def test_an_uploaded_file_name_is_never_used_as_a_path(start_app: AppFacto
 class LeakyEngine(FakeEngine):
     """An engine library whose exception text carries a credential and a path, as real ones can."""
 
-    def chat(self, task: ChatTask, cancel: threading.Event) -> Iterator[GenerationEvent]:
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         raise RuntimeError(f"cannot read /home/alice/.cache/hf/token ({SECRET}): permission denied")
 
 
@@ -152,7 +152,7 @@ async def test_an_engine_exception_reaches_the_client_without_its_text(
 async def test_a_bug_answers_500_without_a_stack_trace(start_app: AppFactory) -> None:
     class Buggy(FakeEngine):
         @classmethod
-        def check_task(cls, config: Any, task: Any) -> None:
+        def check_job(cls, config: Any, job: Any) -> None:
             raise KeyError(f"internal state {SECRET}")
 
     client = await start_app(engines={"fake": Buggy})

@@ -9,6 +9,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+from lllmsd.engines.fake import FakeEngine
 from tests.conftest import AppFactory, fake_model, make_config, sdk
 
 PREFIXES = ["/v1", "/openai/v1"]
@@ -272,13 +273,11 @@ async def test_a_default_max_tokens_is_shortened_but_a_requested_one_must_fit(st
     assert "28" in refused.value.message
 
 
-class ExplodingEngine:
+class ExplodingEngine(FakeEngine):
     """An engine whose request check has a bug: the daemon must answer 500 in the envelope."""
 
-    name = "fake"
-
     @classmethod
-    def check_task(cls, config: Any, task: Any) -> None:
+    def check_job(cls, config: Any, job: Any) -> None:
         raise ZeroDivisionError("a bug")
 
 

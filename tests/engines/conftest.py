@@ -17,7 +17,7 @@ from lllmsd.config import parse_config
 from lllmsd.core.clock import SystemClock
 from lllmsd.core.instance import ModelInstance
 from lllmsd.core.store import ModelStore
-from lllmsd.engines.registry import ENGINES
+from lllmsd.engines.registry import builtin_engines
 from tests.setup_models import model_path
 
 pytestmark = pytest.mark.engines
@@ -30,7 +30,7 @@ def model_config(model: dict[str, Any]) -> Any:
 async def load_instance(model: dict[str, Any]) -> ModelInstance:
     """Load one instance of a model config (a dict as in the YAML) the way the pool does."""
     config = model_config(model)
-    engine_class = await asyncio.to_thread(ENGINES[config.engine].load_class)
+    engine_class = await asyncio.to_thread(builtin_engines()[config.engine].class_for, config.task)
     files = await ModelStore(cache_dir=model_path("smollm2").parent).files("m", config)
     instance = ModelInstance("m", config, engine_class, SystemClock(), instance_id="m-1")
     preload = config.preload.to_preload() if config.preload else None

@@ -21,14 +21,15 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from lllmsd.core.batcher import EmbeddingBatcher
+from lllmsd.core.admission import check_job
+from lllmsd.core.batcher import shorten
 from lllmsd.core.clock import SystemClock
 from lllmsd.core.instance import ModelInstance
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
 from lllmsd.core.store import ModelStore
-from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
-from lllmsd.engines.registry import ENGINES
+from lllmsd.engines.registry import builtin_engines
 from lllmsd.errors import InvalidRequest
 from tests.engines.conftest import EMBEDDING_MODELS, load_instance, model_config
 
@@ -106,9 +107,11 @@ class Subject:
     can: Capabilities
 
     async def embed(self, *inputs: str | tuple[int, ...], dimensions: int | None = None) -> EmbeddingResult:
-        task = EmbeddingTask(inputs=inputs, dimensions=dimensions)
-        ENGINES[self.instance.config.engine].load_class().check_task(self.instance.config, task)
-        return await self.instance.embed(task)
+        job = EmbeddingJob(inputs=inputs)
+        check_job(self.instance.engine_class, self.instance.config, job)  # what admission checks
+        result = await self.instance.embed(job)
+        # engines return full vectors; the pool applies dimensions, the same way for every engine
+        return EmbeddingResult(vectors=shorten(result.vectors, dimensions), token_counts=result.token_counts)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(EMBEDDING_MODELS))
@@ -234,14 +237,15 @@ async def test_32_concurrent_requests_through_the_batcher_each_get_their_own(sub
     async def files() -> Any:
         return await store.files("m", config)
 
-    engine_class = await asyncio.to_thread(ENGINES[config.engine].load_class)
+    engine_class = await asyncio.to_thread(builtin_engines()[config.engine].class_for, config.task)
+    config = config.model_copy(update={"batch_window_ms": 5, "max_batch_size": 32, "max_waiting": 64})
     pool = ModelPool("m", config, engine_class, files=files, limiter=ConcurrencyLimit(2), clock=SystemClock())
-    batcher = EmbeddingBatcher("m", pool, window=0.005, max_batch_size=32, max_waiting=64)
+    batcher = pool.batcher
+    assert batcher is not None
     try:
-        results = await asyncio.gather(*(batcher.embed(EmbeddingTask(inputs=(text,))) for text in texts))
+        results = await asyncio.gather(*(pool.embed(EmbeddingJob(inputs=(text,))) for text in texts))
     finally:
         await pool.close(0)
-        await batcher.close()
     together = np.stack([matrix(result)[0] for result in results])
     similarity = together @ alone.T  # unit vectors: cosines
     assert (np.diag(similarity) > SAME).all()

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from lllmsd.core.admission import check_job
 from lllmsd.core.instance import ModelInstance
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
+    ChatJob,
     ChatMessage,
-    ChatTask,
     ChoiceEnd,
-    CompletionTask,
+    CompletionJob,
     GenerationEvent,
     GenerationResult,
     ResponseFormat,
@@ -60,16 +61,16 @@ async def instance() -> AsyncIterator[ModelInstance]:
     await loaded.dispose()
 
 
-async def events_of(instance: ModelInstance, task: ChatTask | CompletionTask) -> list[GenerationEvent]:
-    return [event async for event in instance.generate(task)]
+async def events_of(instance: ModelInstance, job: ChatJob | CompletionJob) -> list[GenerationEvent]:
+    return [event async for event in instance.generate(job)]
 
 
-async def run(instance: ModelInstance, task: ChatTask | CompletionTask) -> GenerationResult:
-    return collect_generation(await events_of(instance, task))
+async def run(instance: ModelInstance, job: ChatJob | CompletionJob) -> GenerationResult:
+    return collect_generation(await events_of(instance, job))
 
 
-def chat(*messages: ChatMessage, sampling: Sampling = GREEDY) -> ChatTask:
-    return ChatTask(messages=messages, sampling=sampling)
+def chat(*messages: ChatMessage, sampling: Sampling = GREEDY) -> ChatJob:
+    return ChatJob(messages=messages, sampling=sampling)
 
 
 async def reset(instance: ModelInstance) -> None:
@@ -101,10 +102,10 @@ async def test_prompt_tokens_are_the_tokenizers_count(instance: ModelInstance) -
 
 @on_model
 async def test_max_tokens_ends_with_length(instance: ModelInstance) -> None:
-    task = chat(
+    job = chat(
         ChatMessage("user", "Write a long story about a dragon."), sampling=Sampling(temperature=0, max_tokens=5)
     )
-    result = await run(instance, task)
+    result = await run(instance, job)
     assert result.choices[0].finish_reason == "length"
     assert result.usage.completion_tokens == 5
     assert result.choices[0].text
@@ -122,8 +123,8 @@ async def test_system_prompt_is_honoured(instance: ModelInstance) -> None:
 
 @on_model
 async def test_completion(instance: ModelInstance) -> None:
-    task = CompletionTask(prompt="The capital of France is", sampling=Sampling(temperature=0, max_tokens=4))
-    result = await run(instance, task)
+    job = CompletionJob(prompt="The capital of France is", sampling=Sampling(temperature=0, max_tokens=4))
+    result = await run(instance, job)
     assert "Paris" in result.choices[0].text
     assert result.choices[0].finish_reason == "length"
     assert result.usage.prompt_tokens == 5
@@ -215,14 +216,14 @@ async def test_preload_is_cached_for_conversations_that_start_with_it() -> None:
 @on_model
 async def test_cancel_stops_within_one_token(instance: ModelInstance) -> None:
     engine = instance._engine
-    task = chat(
+    job = chat(
         ChatMessage("user", "Write a long story about a dragon."), sampling=Sampling(temperature=0, max_tokens=200)
     )
 
     def consume() -> list[GenerationEvent]:
         cancel = threading.Event()
         seen: list[GenerationEvent] = []
-        for event in engine.chat(task, cancel):
+        for event in engine.chat(job, cancel):
             seen.append(event)
             cancel.set()  # at the first token
         return seen
@@ -250,10 +251,10 @@ async def test_cancel_during_prompt_evaluation_ends_quietly(instance: ModelInsta
 
 @on_model
 async def test_closing_the_stream_early_frees_the_instance(instance: ModelInstance) -> None:
-    task = chat(
+    job = chat(
         ChatMessage("user", "Write a long story about a dragon."), sampling=Sampling(temperature=0, max_tokens=200)
     )
-    stream = instance.generate(task)
+    stream = instance.generate(job)
     first = await anext(stream)
     assert isinstance(first, TextDelta)
     await asyncio.wait_for(stream.aclose(), timeout=30)
@@ -297,7 +298,7 @@ UNSUPPORTED_COMPLETION: list[tuple[str, dict[str, Any]]] = [
 def test_unsupported_chat_parameters_are_refused(param: str, fields: dict[str, Any]) -> None:
     config = model_config(gpt4all_model())
     with pytest.raises(UnsupportedParameter) as raised:
-        Gpt4AllEngine.check_task(config, ChatTask(messages=(FRANCE,), **fields))
+        check_job(Gpt4AllEngine, config, ChatJob(messages=(FRANCE,), **fields))
     assert raised.value.param == param
 
 
@@ -305,7 +306,7 @@ def test_unsupported_chat_parameters_are_refused(param: str, fields: dict[str, A
 def test_unsupported_completion_parameters_are_refused(param: str, fields: dict[str, Any]) -> None:
     config = model_config(gpt4all_model())
     with pytest.raises(UnsupportedParameter) as raised:
-        Gpt4AllEngine.check_task(config, CompletionTask(prompt="Hi", **fields))
+        check_job(Gpt4AllEngine, config, CompletionJob(prompt="Hi", **fields))
     assert raised.value.param == param
 
 
@@ -322,8 +323,8 @@ def test_supported_parameters_pass() -> None:
         presence_penalty=0.0,
         stop=("x",),
     )
-    task = ChatTask(messages=(FRANCE,), sampling=sampling, response_format=ResponseFormat(type="text"))
-    Gpt4AllEngine.check_task(model_config(gpt4all_model()), task)
+    job = ChatJob(messages=(FRANCE,), sampling=sampling, response_format=ResponseFormat(type="text"))
+    check_job(Gpt4AllEngine, model_config(gpt4all_model()), job)
 
 
 # ------------------------------------------------------------------------------------------ templates

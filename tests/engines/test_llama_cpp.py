@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from lllmsd.core.admission import check_job
 from lllmsd.core.instance import ModelInstance
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
+    ChatJob,
     ChatMessage,
-    ChatTask,
-    CompletionTask,
-    EmbeddingTask,
+    CompletionJob,
+    EmbeddingJob,
     GenerationEvent,
     GenerationResult,
     ResponseFormat,
@@ -27,7 +28,8 @@ from lllmsd.core.tasks import (
     ToolSpec,
     collect_generation,
 )
-from lllmsd.engines.llama_cpp import default_batch_threads, default_threads
+from lllmsd.engines.llama_cpp.model import tokenize
+from lllmsd.engines.llama_cpp.threads import default_batch_threads, default_threads
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 from tests.engines.conftest import load_instance
 from tests.setup_models import model_path
@@ -77,21 +79,19 @@ async def smol() -> AsyncIterator[ModelInstance]:
         await instance.dispose()
 
 
-async def run(
-    instance: ModelInstance, task: ChatTask | CompletionTask
-) -> tuple[list[GenerationEvent], GenerationResult]:
-    instance.engine_class.check_task(instance.config, task)
-    events = [event async for event in instance.generate(task)]
-    return events, collect_generation(events, task.n)
+async def run(instance: ModelInstance, job: ChatJob | CompletionJob) -> tuple[list[GenerationEvent], GenerationResult]:
+    check_job(instance.engine_class, instance.config, job)
+    events = [event async for event in instance.generate(job)]
+    return events, collect_generation(events, job.n)
 
 
 async def chat(instance: ModelInstance, text: str, sampling: Sampling = GREEDY, **extra: Any) -> GenerationResult:
-    _, result = await run(instance, ChatTask((ChatMessage("user", text),), sampling, **extra))
+    _, result = await run(instance, ChatJob((ChatMessage("user", text),), sampling, **extra))
     return result
 
 
 async def complete(instance: ModelInstance, prompt: str, sampling: Sampling = GREEDY, **extra: Any) -> GenerationResult:
-    _, result = await run(instance, CompletionTask(prompt, sampling, **extra))
+    _, result = await run(instance, CompletionJob(prompt, sampling, **extra))
     return result
 
 
@@ -170,7 +170,7 @@ async def test_presence_penalty_changes_the_answer(smol: ModelInstance) -> None:
 async def test_logit_bias_bans_a_token(smol: ModelInstance) -> None:
     free = await complete(smol, "1, 2, 3,", Sampling(temperature=0, max_tokens=6), logprobs=0)
     first = free.choices[0].logprobs[0].token
-    ids = smol._engine._tokenize(first, add_bos=False)
+    ids = tokenize(smol._engine._llama, first, add_bos=False)
     assert len(ids) == 1
     banned = await complete(
         smol, "1, 2, 3,", Sampling(temperature=0, max_tokens=6, logit_bias={ids[0]: -100}), logprobs=0
@@ -217,8 +217,8 @@ async def test_echo_prepends_the_prompt(smol: ModelInstance) -> None:
 
 async def test_echo_with_logprobs_is_refused(smol: ModelInstance) -> None:
     with pytest.raises(UnsupportedParameter) as error:
-        smol.engine_class.check_task(smol.config, CompletionTask("x", echo=True, logprobs=1))
-    assert error.value.param == "echo"
+        check_job(smol.engine_class, smol.config, CompletionJob("x", echo=True, logprobs=1))
+    assert error.value.param == "logprobs"
 
 
 async def test_suffix_needs_fill_in_the_middle_tokens(smol: ModelInstance) -> None:
@@ -296,9 +296,9 @@ async def test_invalid_grammar_is_a_request_error(smol: ModelInstance) -> None:
 
 
 async def test_grammar_and_json_format_together_are_refused(smol: ModelInstance) -> None:
-    task = ChatTask((ChatMessage("user", "x"),), grammar="yesno", response_format=ResponseFormat(type="json_object"))
+    job = ChatJob((ChatMessage("user", "x"),), grammar="yesno", response_format=ResponseFormat(type="json_object"))
     with pytest.raises(UnsupportedParameter):
-        smol.engine_class.check_task(smol.config, task)
+        check_job(smol.engine_class, smol.config, job)
 
 
 # ------------------------------------------------------------------------------------------------ tools
@@ -309,10 +309,8 @@ def compact(arguments: str) -> str:
 
 
 async def tool_chat(smol: ModelInstance, text: str, **extra: Any) -> tuple[list[GenerationEvent], GenerationResult]:
-    task = ChatTask(
-        (ChatMessage("user", text),), Sampling(temperature=0, max_tokens=100), tools=(WEATHER, TIME), **extra
-    )
-    return await run(smol, task)
+    job = ChatJob((ChatMessage("user", text),), Sampling(temperature=0, max_tokens=100), tools=(WEATHER, TIME), **extra)
+    return await run(smol, job)
 
 
 async def test_tool_choice_required(smol: ModelInstance) -> None:
@@ -366,7 +364,7 @@ async def test_tool_results_can_be_sent_back(smol: ModelInstance) -> None:
         ChatMessage("assistant", None, tool_calls=(call,)),
         ChatMessage("tool", "Sunny, 24 C", tool_call_id="call_1"),
     )
-    _, result = await run(smol, ChatTask(messages, Sampling(temperature=0, max_tokens=12), tools=(WEATHER,)))
+    _, result = await run(smol, ChatJob(messages, Sampling(temperature=0, max_tokens=12), tools=(WEATHER,)))
     assert result.choices[0].text or result.choices[0].tool_calls
 
 
@@ -377,16 +375,16 @@ async def test_follow_up_turns_reuse_the_cache(smol: ModelInstance) -> None:
     """The issue's must-show: turn 2 of a 3-turn chat evaluates only its new tokens."""
     sampling = Sampling(temperature=0, max_tokens=8)
     messages: tuple[ChatMessage, ...] = (ChatMessage("user", "Name a colour."),)
-    _, one = await run(smol, ChatTask(messages, sampling))
+    _, one = await run(smol, ChatJob(messages, sampling))
     messages += (ChatMessage("assistant", text_of(one)), ChatMessage("user", "Name an animal."))
-    _, two = await run(smol, ChatTask(messages, sampling))
+    _, two = await run(smol, ChatJob(messages, sampling))
     assert two.usage.cached_tokens >= one.usage.prompt_tokens + one.usage.completion_tokens - 3
     messages += (ChatMessage("assistant", text_of(two)), ChatMessage("user", "Name a fruit."))
-    _, three = await run(smol, ChatTask(messages, sampling))
+    _, three = await run(smol, ChatJob(messages, sampling))
     assert three.usage.cached_tokens >= two.usage.prompt_tokens + two.usage.completion_tokens - 3
 
     await complete(smol, "Unrelated text fills the cache.", Sampling(max_tokens=2))
-    _, cold = await run(smol, ChatTask(messages[:3], sampling))
+    _, cold = await run(smol, ChatJob(messages[:3], sampling))
     assert cold.usage.cached_tokens == 0
     assert cold.usage.prompt_tokens == two.usage.prompt_tokens
     assert two.usage.prompt_tokens - two.usage.cached_tokens < cold.usage.prompt_tokens // 2
@@ -399,7 +397,7 @@ async def test_preload_fills_the_cache() -> None:
         preloaded = instance.cached_tokens
         assert preloaded > 10
         messages = (ChatMessage("system", system), ChatMessage("user", "Hello!"))
-        _, result = await run(instance, ChatTask(messages, Sampling(max_tokens=4)))
+        _, result = await run(instance, ChatJob(messages, Sampling(max_tokens=4)))
         assert result.usage.cached_tokens >= preloaded - 1
     finally:
         await instance.dispose()
@@ -444,11 +442,11 @@ async def test_small_context_limits() -> None:
     assert size == 256
     try:
         # a prompt a few tokens short of the context: the answer runs into the context's end
-        _, result = await run(instance, CompletionTask("hello " * 250, Sampling(temperature=0, max_tokens=100)))
+        _, result = await run(instance, CompletionJob("hello " * 250, Sampling(temperature=0, max_tokens=100)))
         assert result.choices[0].finish_reason == "length"
         assert result.usage.total_tokens == size
         with pytest.raises(ContextLengthExceeded) as error:
-            await run(instance, ChatTask((ChatMessage("user", STORY * 20),)))
+            await run(instance, ChatJob((ChatMessage("user", STORY * 20),)))
         assert error.value.context_size == size
         assert str(size) in error.value.message
         assert str(error.value.prompt_tokens) in error.value.message
@@ -460,7 +458,7 @@ async def test_chat_format_override(smol: ModelInstance) -> None:
     own = await chat(smol, "Hi", Sampling(max_tokens=2))
     instance = await load_instance(smollm2(chat_format="chatml"))
     try:
-        _, result = await run(instance, ChatTask((ChatMessage("user", "Hi"),), Sampling(max_tokens=2)))
+        _, result = await run(instance, ChatJob((ChatMessage("user", "Hi"),), Sampling(max_tokens=2)))
     finally:
         await instance.dispose()
     # the GGUF's template adds a default system prompt; llama-cpp-python's plain chatml does not
@@ -470,7 +468,7 @@ async def test_chat_format_override(smol: ModelInstance) -> None:
 async def test_usage_prompt_tokens_match_the_rendered_prompt(smol: ModelInstance) -> None:
     messages = (ChatMessage("user", "Count the tokens of this message."),)
     result = await chat(smol, messages[0].content or "", Sampling(max_tokens=2))
-    tokens, _ = smol._engine._render(messages, (), open_turn=True)
+    tokens, _ = smol._engine._prompt.render(messages, (), open_turn=True)
     assert result.usage.prompt_tokens == len(tokens)
 
 
@@ -488,8 +486,8 @@ async def embedder() -> AsyncIterator[ModelInstance]:
 
 async def test_embeddings(embedder: ModelInstance) -> None:
     texts = ("The cat sat on the mat.", "A cat was sitting on the mat.", "Quantum chromodynamics describes quarks.")
-    ids = tuple(embedder._engine._tokenize(texts[0]))
-    result = await embedder.embed(EmbeddingTask((*texts, ids)))
+    ids = tuple(tokenize(embedder._engine._llama, texts[0]))
+    result = await embedder.embed(EmbeddingJob((*texts, ids)))
     assert len(result.vectors) == 4
     assert all(len(v) == 576 for v in result.vectors)
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-6) for v in result.vectors)
@@ -501,15 +499,15 @@ async def test_embeddings(embedder: ModelInstance) -> None:
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cosine(result.vectors[0], result.vectors[1]) > cosine(result.vectors[0], result.vectors[2])
-    alone = await embedder.embed(EmbeddingTask((texts[1],)))
+    alone = await embedder.embed(EmbeddingJob((texts[1],)))
     assert cosine(alone.vectors[0], result.vectors[1]) > 0.9999  # batching changes a vector only by rounding
 
 
-async def test_embedding_dimensions_and_errors(embedder: ModelInstance) -> None:
-    result = await embedder.embed(EmbeddingTask(("hello world",), dimensions=64))
-    assert len(result.vectors[0]) == 64
-    assert math.isclose(sum(x * x for x in result.vectors[0]), 1.0, rel_tol=1e-6)
+async def test_embeddings_are_full_length_and_bad_inputs_are_refused(embedder: ModelInstance) -> None:
+    # the pool applies dimensions (tests/engines/test_embedding_contract.py): the engine returns full vectors
+    result = await embedder.embed(EmbeddingJob(("hello world",), dimensions=64))
+    assert len(result.vectors[0]) == 576
     with pytest.raises(InvalidRequest):
-        await embedder.embed(EmbeddingTask(("hello",), dimensions=5000))
+        await embedder.embed(EmbeddingJob(((10**9,),)))
     with pytest.raises(InvalidRequest):
-        await embedder.embed(EmbeddingTask(((10**9,),)))
+        await embedder.embed(EmbeddingJob(("",)))

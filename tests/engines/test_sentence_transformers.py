@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from lllmsd.config import ConfigError, parse_config
-from lllmsd.core.tasks import EmbeddingTask
+from lllmsd.core.jobs import EmbeddingJob
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.sentence_transformers import SentenceTransformersEngine
 from lllmsd.errors import ModelUnavailable
@@ -32,7 +32,7 @@ def engine(model: dict[str, Any], folder: Path | None = None) -> SentenceTransfo
 
 
 def embed(subject: SentenceTransformersEngine, *texts: str) -> np.ndarray:
-    return np.asarray(subject.embed(EmbeddingTask(inputs=texts)).vectors)
+    return np.asarray(subject.embed(EmbeddingJob(inputs=texts)).vectors)
 
 
 @pytest.fixture(scope="module")

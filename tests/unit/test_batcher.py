@@ -16,9 +16,9 @@ import pytest
 from lllmsd.config import parse_config
 from lllmsd.core.batcher import EmbeddingBatcher, check_dimensions, shorten
 from lllmsd.core.clock import ManualClock
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.pool import ModelPool
-from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
 from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.fake import FakeEngine
 from lllmsd.errors import (
@@ -52,17 +52,17 @@ class Recorder:
         recorder = self
 
         class RecordingEngine(FakeEngine):
-            def embed(self, task: EmbeddingTask) -> EmbeddingResult:
-                recorder.calls.append(task.inputs)
+            def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+                recorder.calls.append(job.inputs)
                 recorder.started.set()
                 if recorder.gate is not None:
                     recorder.gate.wait(10)
-                if recorder.fail_on in task.inputs:
+                if recorder.fail_on in job.inputs:
                     raise RuntimeError("the engine broke")
-                if recorder.refuse in task.inputs:
-                    index = task.inputs.index(recorder.refuse)
+                if recorder.refuse in job.inputs:
+                    index = job.inputs.index(recorder.refuse)
                     raise InvalidRequest(f"input[{index}] is refused", param="input")
-                return super().embed(task)
+                return super().embed(job)
 
         return RecordingEngine
 
@@ -90,7 +90,9 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         pool = ModelPool(
             "emb", config, recorder.engine_class(), files=files, limiter=ConcurrencyLimit(4), clock=ManualClock()
         )
+        # the pool's own batcher, with a window the config cannot express (an hour: tests flush() instead)
         batcher = EmbeddingBatcher("emb", pool, window=window, max_batch_size=max_batch_size, max_waiting=max_waiting)
+        pool.batcher = batcher
         pools.append(pool)
         batchers.append(batcher)
         return batcher
@@ -112,13 +114,13 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 async def settle() -> None:
-    """Let every task that can run, run (no time passes)."""
+    """Let every asyncio task that can run, run (no time passes)."""
     for _ in range(20):
         await asyncio.sleep(0)
 
 
 def start(batcher: EmbeddingBatcher, *inputs: str, dimensions: int | None = None) -> asyncio.Task[EmbeddingResult]:
-    return asyncio.create_task(batcher.embed(EmbeddingTask(inputs=inputs, dimensions=dimensions)))
+    return asyncio.create_task(batcher.embed(EmbeddingJob(inputs=inputs, dimensions=dimensions)))
 
 
 def assert_vectors(result: EmbeddingResult, *texts: str) -> None:
@@ -282,7 +284,8 @@ async def test_callers_waiting_past_the_queue_timeout_all_get_it(make_batcher: M
     first = start(batcher, "first")
     assert await asyncio.to_thread(recorder.started.wait, 10)
     stuck = [start(batcher, "a"), start(batcher, "b")]  # the only instance is busy: they wait for it
-    await eventually(lambda: pool.waiting == 1)  # one pool waiter stands for the whole queue
+    await eventually(lambda: batcher.waiting == 2)
+    assert pool.waiting == 2  # the batcher's queue is the pool's: each request counts, not its one acquire
     clock.advance(31)  # type: ignore[attr-defined]
     pool.reap()
     results = await asyncio.gather(*stuck, return_exceptions=True)
@@ -297,7 +300,7 @@ async def test_too_many_waiting_requests_get_429(make_batcher: MakeBatcher) -> N
     tasks = [start(batcher, "a"), start(batcher, "b")]
     await settle()
     with pytest.raises(TooManyRequests):
-        await batcher.embed(EmbeddingTask(inputs=("c",)))
+        await batcher.embed(EmbeddingJob(inputs=("c",)))
     batcher.flush()
     await asyncio.gather(*tasks)
 
@@ -310,7 +313,7 @@ async def test_close_fails_the_waiting_and_refuses_new_requests(make_batcher: Ma
     with pytest.raises(ShuttingDown):
         await waiting
     with pytest.raises(ShuttingDown):
-        await batcher.embed(EmbeddingTask(inputs=("b",)))
+        await batcher.embed(EmbeddingJob(inputs=("b",)))
 
 
 # ------------------------------------------------------------------------------------------ dimensions
@@ -335,10 +338,10 @@ async def test_too_many_dimensions_are_refused_and_then_refused_before_queueing(
     recorder = Recorder()
     batcher = make_batcher(recorder, window=0)
     with pytest.raises(InvalidRequest, match=f"{DIMS + 1}.*{DIMS} dimensions"):
-        await batcher.embed(EmbeddingTask(inputs=("a",), dimensions=DIMS + 1))
+        await batcher.embed(EmbeddingJob(inputs=("a",), dimensions=DIMS + 1))
     assert batcher.dimension == DIMS  # learnt from that first result
     with pytest.raises(InvalidRequest):
-        await batcher.embed(EmbeddingTask(inputs=("b",), dimensions=DIMS + 1))
+        await batcher.embed(EmbeddingJob(inputs=("b",), dimensions=DIMS + 1))
     assert recorder.calls == [("a",)]
 
 
@@ -352,7 +355,7 @@ def test_shorten_renormalises_and_leaves_zero_vectors_alone() -> None:
         check_dimensions(4, 3)
 
 
-async def _flushed(batcher: EmbeddingBatcher, task: asyncio.Task[EmbeddingResult]) -> EmbeddingResult:
+async def _flushed(batcher: EmbeddingBatcher, pending: asyncio.Task[EmbeddingResult]) -> EmbeddingResult:
     await settle()
     batcher.flush()
-    return await task
+    return await pending

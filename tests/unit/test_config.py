@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from lllmsd.cli import main
 from lllmsd.config import CompletionDefaults, ConfigError, load_config, parse_config
-from lllmsd.core.tasks import ModelTask, Sampling
+from lllmsd.core.jobs import ModelTask, Sampling
 
 ROOT = Path(__file__).resolve().parents[2]
 

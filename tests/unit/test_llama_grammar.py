@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lllmsd.core.tasks import ChatMessage, ChatTask, ResponseFormat, ToolSpec
-from lllmsd.engines.llama_grammar import (
+from lllmsd.core.jobs import ChatJob, ChatMessage, ResponseFormat, ToolSpec
+from lllmsd.engines.llama_cpp.grammar import (
     compact_json_prefix,
     parse_tool_calls,
     response_grammar,
@@ -40,8 +40,8 @@ def test_tool_grammar_names_every_tool_and_allows_several_only_when_parallel() -
 
 
 def test_json_schema_response_format_needs_a_schema() -> None:
-    task = ChatTask((ChatMessage("user", "x"),), response_format=ResponseFormat("json_schema", None))
+    job = ChatJob((ChatMessage("user", "x"),), response_format=ResponseFormat("json_schema", None))
     with pytest.raises(InvalidRequest) as error:
-        response_grammar(task)
+        response_grammar(job)
     assert error.value.param == "response_format"
-    assert response_grammar(ChatTask((ChatMessage("user", "x"),), response_format=ResponseFormat("text"))) is None
+    assert response_grammar(ChatJob((ChatMessage("user", "x"),), response_format=ResponseFormat("text"))) is None

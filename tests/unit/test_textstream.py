@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lllmsd.core.tasks import TokenLogprob
+from lllmsd.core.jobs import TokenLogprob
 from lllmsd.engines.textstream import TextStream, partial_stop
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lllmsd.api.schemas.common import WireRequest
-from lllmsd.core.tasks import TranscriptInfo, TranscriptionEvent, TranscriptionTask, TranscriptSegment
+from lllmsd.core.jobs import TranscriptInfo, TranscriptionEvent, TranscriptionJob, TranscriptSegment
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularity = Literal["word", "segment"]
@@ -65,8 +65,8 @@ class TranslationRequest(WireRequest):
     def granularities(self) -> frozenset[str]:
         return frozenset()
 
-    def to_task(self, audio: bytes, filename: str) -> TranscriptionTask:
-        return TranscriptionTask(
+    def to_job(self, audio: bytes, filename: str) -> TranscriptionJob:
+        return TranscriptionJob(
             audio=audio, filename=filename, prompt=self.prompt, temperature=self.temperature, translate=True
         )
 
@@ -97,8 +97,8 @@ class TranscriptionRequest(WireRequest):
     def granularities(self) -> frozenset[str]:
         return frozenset(self.timestamp_granularities or ())
 
-    def to_task(self, audio: bytes, filename: str) -> TranscriptionTask:
-        return TranscriptionTask(
+    def to_job(self, audio: bytes, filename: str) -> TranscriptionJob:
+        return TranscriptionJob(
             audio=audio,
             filename=filename,
             language=self.language.lower() if self.language else None,

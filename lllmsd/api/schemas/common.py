@@ -16,10 +16,6 @@ class WireRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class WireResponse(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 def response_id(prefix: str, instance_id: str | None = None) -> str:
     """``chatcmpl-<instance>-<random>``: the instance id lets a client see which cache served it."""
     middle = f"{instance_id}-" if instance_id else ""

@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: the request, its conversion to an EmbeddingTask, and the response.
+"""POST /v1/embeddings: the request, its conversion to an EmbeddingJob, and the response.
 
 ``input`` is a string, an array of strings, one array of token ids, or an array of token-id arrays
 (OpenAI's four forms). Token ids belong to the model's own tokenizer: the engine decodes them. Empty
@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lllmsd.api.schemas.common import WireRequest
-from lllmsd.core.tasks import EmbeddingResult, EmbeddingTask
+from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.errors import InvalidRequest
 
 _FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
@@ -77,7 +77,7 @@ class EmbeddingRequest(WireRequest):
             return (tuple(value),)  # type: ignore[arg-type] - one array of token ids is one input
         return tuple(item if isinstance(item, str) else tuple(item) for item in value)  # type: ignore[misc]
 
-    def to_task(self, config: Any) -> EmbeddingTask:
+    def to_job(self, config: Any) -> EmbeddingJob:
         inputs = self.inputs()
         limit = getattr(config, "max_inputs", None)
         if limit is not None and len(inputs) > limit:
@@ -86,7 +86,7 @@ class EmbeddingRequest(WireRequest):
                 param="input",
                 code="invalid_value",
             )
-        return EmbeddingTask(inputs=inputs, dimensions=self.dimensions)
+        return EmbeddingJob(inputs=inputs, dimensions=self.dimensions)
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

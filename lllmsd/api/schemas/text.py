@@ -1,197 +1,38 @@
-"""Chat completions and (legacy) completions: requests, their conversion to core tasks, and rendering.
+"""Chat completions and (legacy) completions requests: validation, limits, and conversion to core jobs.
 
-Requests are validated here; the rendering functions turn core events/results into the exact OpenAI
-shapes (shared/OPENAI-WIRE.md). Nothing below the API layer sees these classes.
+``ChatCompletionRequest`` and ``CompletionRequest`` are what the handlers in api/text.py validate request
+bodies with; ``SamplingWire`` holds the fields they share. ``to_job`` turns a request into the core job
+after the per-request limits of the model's config (max_messages, max_prompt_chars, the context size)
+are checked, so an oversized request is refused before it queues. The message, tool and response-format
+parts of a chat request are in messages.py; rendering the answers is in text_output.py. Nothing below
+the API layer sees these classes.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from lllmsd.api.schemas.common import WireRequest, response_id, system_fingerprint
-from lllmsd.core.tasks import (
-    ChatMessage,
-    ChatTask,
-    ChoiceEnd,
-    CompletionTask,
-    GenerationEvent,
-    GenerationResult,
-    ResponseFormat,
-    Sampling,
-    TextDelta,
-    TokenLogprob,
-    ToolCall,
-    ToolCallDelta,
-    ToolSpec,
-    Usage,
+from lllmsd.api.schemas.common import WireRequest
+from lllmsd.api.schemas.messages import (
+    MessageWire,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    ResponseFormatText,
+    ResponseFormatWire,
+    ToolWire,
 )
+from lllmsd.api.schemas.rules import add_rules, array_branch, present, token_map, when
+from lllmsd.core.jobs import ChatJob, CompletionJob, ResponseFormat, Sampling, ToolSpec
 from lllmsd.errors import InvalidRequest
 
 MAX_N = 16
 MAX_STOP = 16
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
-
-# ------------------------------------------------------------------------------------------ requests
-
-
-class TextPart(WireRequest):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCallWire(WireRequest):
-    name: str
-    arguments: str
-
-
-class ToolCallWire(WireRequest):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallWire
-
-
-# ------------------------------------------------------------------------- JSON Schema of the validators
-# The model validators below check things a type cannot say. These additions say them in the JSON Schema
-# too (GET /openapi.json), so the document describes what is accepted and generated requests (fuzzing,
-# client code generators) are not refused for reasons the document hides. Validation is unchanged.
-
-JsonSchema = dict[str, Any]
-
-
-def _when(condition: JsonSchema, then: JsonSchema) -> JsonSchema:
-    return {"if": condition, "then": then}
-
-
-def _present(name: str, schema: JsonSchema) -> JsonSchema:
-    return {"required": [name], "properties": {name: schema}}
-
-
-def _add_rules(*rules: JsonSchema) -> Any:
-    def extra(schema: JsonSchema) -> None:
-        schema.setdefault("allOf", []).extend(rules)
-
-    return extra
-
-
-def _array_branch(*, min_items: int | None = None, max_items: int | None = None, item: JsonSchema | None = None) -> Any:
-    """Constraints for the array option of a ``str | list[...]`` field."""
-
-    def extra(schema: JsonSchema) -> None:
-        for option in schema.get("anyOf", [schema]):
-            if option.get("type") == "array":
-                option.update({k: v for k, v in (("minItems", min_items), ("maxItems", max_items)) if v is not None})
-                option["items"] = {**option.get("items", {}), **(item or {})}
-            elif option.get("type") == "string" and item:
-                option.update(item)
-
-    return extra
-
-
-def _token_map(schema: JsonSchema) -> None:
-    for option in schema.get("anyOf", [schema]):
-        if option.get("type") == "object":
-            option["propertyNames"] = {"pattern": r"^-?[0-9]+$"}
-            option["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
-
-
-_STREAM_OPTIONS_NEED_STREAM = _when(_present("stream_options", {"type": "object"}), _present("stream", {"const": True}))
-
-
-class MessageWire(WireRequest):
-    model_config = ConfigDict(
-        json_schema_extra=_add_rules(
-            {
-                "if": {"properties": {"role": {"const": "assistant"}}},
-                "else": _present("content", {"not": {"type": "null"}}),
-            },
-            _when(
-                {"properties": {"role": {"const": "tool"}}},
-                _present("tool_call_id", {"type": "string", "minLength": 1}),
-            ),
-        )
-    )
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallWire] | None = None
-    tool_call_id: str | None = None
-    refusal: str | None = None
-
-    @model_validator(mode="after")
-    def _content_present(self) -> MessageWire:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
-        return self
-
-    def prompt_chars(self) -> int:
-        """Characters this message adds to the prompt (for ``max_prompt_chars``)."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
-        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
-        return len(content) + calls
-
-    def to_message(self) -> ChatMessage:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
-        role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content, name=self.name, tool_calls=calls, tool_call_id=self.tool_call_id)
-
-
-class FunctionWire(WireRequest):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolWire(WireRequest):
-    type: Literal["function"]
-    function: FunctionWire
-
-
-class NamedFunction(WireRequest):
-    name: str
-
-
-class NamedToolChoice(WireRequest):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class JsonSchemaSpec(WireRequest):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-    description: str | None = None
-
-
-class ResponseFormatText(WireRequest):
-    type: Literal["text"]
-
-
-class ResponseFormatJsonObject(WireRequest):
-    type: Literal["json_object"]
-    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-cpp-python's extension
-
-
-class ResponseFormatJsonSchema(WireRequest):
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaSpec
-
-
-ResponseFormatWire = Annotated[
-    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
-]
+_STREAM_OPTIONS_NEED_STREAM = when(present("stream_options", {"type": "object"}), present("stream", {"const": True}))
 
 
 class StreamOptions(WireRequest):
@@ -206,12 +47,12 @@ class SamplingWire(WireRequest):
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(
-        None, json_schema_extra=_array_branch(max_items=MAX_STOP, item={"minLength": 1})
+        None, json_schema_extra=array_branch(max_items=MAX_STOP, item={"minLength": 1})
     )
     seed: int | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_token_map)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=token_map)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -283,12 +124,12 @@ class SamplingWire(WireRequest):
 
 class ChatCompletionRequest(SamplingWire):
     model_config = ConfigDict(
-        json_schema_extra=_add_rules(
+        json_schema_extra=add_rules(
             _STREAM_OPTIONS_NEED_STREAM,
-            _when(_present("top_logprobs", {"type": "integer"}), _present("logprobs", {"const": True})),
-            _when(
-                _present("tool_choice", {"enum": ["auto", "required"]}),
-                _present("tools", {"type": "array", "minItems": 1}),
+            when(present("top_logprobs", {"type": "integer"}), present("logprobs", {"const": True})),
+            when(
+                present("tool_choice", {"enum": ["auto", "required"]}),
+                present("tools", {"type": "array", "minItems": 1}),
             ),
         )
     )
@@ -318,7 +159,7 @@ class ChatCompletionRequest(SamplingWire):
             raise ValueError(f"tool_choice '{self.tool_choice}' needs tools")
         return self
 
-    def to_task(self, config: Any) -> ChatTask:
+    def to_job(self, config: Any) -> ChatJob:
         max_tokens = self.max_completion_tokens or self.max_tokens
         _check_count("messages", len(self.messages), getattr(config, "max_messages", None), "max_messages")
         _check_prompt_chars(config, "messages", sum(m.prompt_chars() for m in self.messages))
@@ -335,7 +176,7 @@ class ChatCompletionRequest(SamplingWire):
             fmt = ResponseFormat("json_object", self.response_format.schema_)
         elif isinstance(self.response_format, ResponseFormatText):
             fmt = ResponseFormat("text")
-        return ChatTask(
+        return ChatJob(
             messages=tuple(m.to_message() for m in self.messages),
             sampling=self.sampling(max_tokens, getattr(config, "completion_defaults", None), requested=True),
             n=self.n,
@@ -353,9 +194,9 @@ class ChatCompletionRequest(SamplingWire):
 
 class CompletionRequest(SamplingWire):
     model_config = ConfigDict(
-        json_schema_extra=_add_rules(
+        json_schema_extra=add_rules(
             _STREAM_OPTIONS_NEED_STREAM,
-            _when(
+            when(
                 {
                     "required": ["best_of", "stream"],
                     "properties": {"best_of": {"minimum": 2}, "stream": {"const": True}},
@@ -366,7 +207,7 @@ class CompletionRequest(SamplingWire):
     )
 
     model: str
-    prompt: str | list[str] = Field(json_schema_extra=_array_branch(min_items=1, max_items=1))
+    prompt: str | list[str] = Field(json_schema_extra=array_branch(min_items=1, max_items=1))
     max_tokens: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool = False
@@ -388,14 +229,14 @@ class CompletionRequest(SamplingWire):
             raise ValueError("best_of cannot be streamed")
         return self
 
-    def to_task(self, config: Any) -> CompletionTask:
+    def to_job(self, config: Any) -> CompletionJob:
         prompt_chars = sum(len(p) for p in ([self.prompt] if isinstance(self.prompt, str) else self.prompt))
         _check_prompt_chars(config, "prompt", prompt_chars + len(self.suffix or ""))
         _check_max_tokens(config, "max_tokens", self.max_tokens)  # an explicit one: the default fits any context
         defaults = getattr(config, "completion_defaults", None)
         max_tokens = self.max_tokens or (defaults.max_tokens if defaults else None) or COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return CompletionTask(
+        return CompletionJob(
             prompt=prompt,
             sampling=self.sampling(max_tokens, defaults, requested=self.max_tokens is not None),
             n=self.n,
@@ -440,170 +281,3 @@ def _check_max_tokens(config: Any, param: str, max_tokens: int | None) -> None:
             param=param,
             code="context_length_exceeded",
         )
-
-
-# ----------------------------------------------------------------------------------------- rendering
-
-
-def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
-
-
-def _chat_logprobs(logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": lp.token,
-                "logprob": lp.logprob,
-                "bytes": list(lp.bytes) if lp.bytes is not None else None,
-                "top_logprobs": [
-                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes) if t.bytes is not None else None}
-                    for t in lp.top
-                ],
-            }
-            for lp in logprobs
-        ],
-        "refusal": None,
-    }
-
-
-def _completion_logprobs(logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
-        "text_offset": [lp.text_offset for lp in logprobs],
-    }
-
-
-class ResponseHeader:
-    """The fields every response and chunk of one answer repeat."""
-
-    def __init__(self, prefix: str, model: str, engine: str, instance_id: str | None) -> None:
-        self.id = response_id(prefix, instance_id)
-        self.created = int(time.time())
-        self.model = model
-        self.system_fingerprint = system_fingerprint(engine)
-
-    def fields(self, obj: str) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.system_fingerprint,
-        }
-
-
-def chat_response(header: ResponseHeader, result: GenerationResult, logprobs: bool) -> dict[str, Any]:
-    choices = []
-    for choice in result.choices:
-        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
-        if choice.tool_calls:
-            message["content"] = choice.text or None
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in choice.tool_calls
-            ]
-        choices.append(
-            {
-                "index": choice.index,
-                "message": message,
-                "logprobs": _chat_logprobs(choice.logprobs) if logprobs else None,
-                "finish_reason": choice.finish_reason or "stop",
-            }
-        )
-    return {**header.fields("chat.completion"), "choices": choices, "usage": usage_body(result.usage)}
-
-
-def completion_response(header: ResponseHeader, result: GenerationResult, logprobs: bool) -> dict[str, Any]:
-    choices = [
-        {
-            "text": choice.text,
-            "index": choice.index,
-            "logprobs": _completion_logprobs(choice.logprobs) if logprobs else None,
-            "finish_reason": choice.finish_reason or "stop",
-        }
-        for choice in result.choices
-    ]
-    return {**header.fields("text_completion"), "choices": choices, "usage": usage_body(result.usage)}
-
-
-async def chat_chunks(
-    header: ResponseHeader, events: AsyncIterator[GenerationEvent], n: int, logprobs: bool, include_usage: bool
-) -> AsyncIterator[dict[str, Any]]:
-    """Chat completion chunks in the order OpenAI sends them (role first, empty delta with the finish)."""
-    base = header.fields("chat.completion.chunk")
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
-        return {**base, "choices": [choice], **extra}
-
-    # The engine's first event comes before the role chunks: an error it raises at once (context too
-    # long) must reach the client before any chunk does, so it can still be an HTTP status.
-    first = await anext(events, None)
-    for index in range(n):
-        yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
-    async for event in _prepend(first, events):
-        if isinstance(event, TextDelta):
-            if event.text or event.logprobs:
-                lps = _chat_logprobs(event.logprobs) if logprobs else None
-                yield chunk(event.choice, {"content": event.text}, lps=lps)
-        elif isinstance(event, ToolCallDelta):
-            call: dict[str, Any] = {"index": event.call_index}
-            if event.id is not None:
-                call.update(id=event.id, type="function")
-            function: dict[str, Any] = {"arguments": event.arguments}
-            if event.name is not None:
-                function["name"] = event.name
-            call["function"] = function
-            yield chunk(event.choice, {"tool_calls": [call]})
-        elif isinstance(event, ChoiceEnd):
-            yield chunk(event.choice, {}, event.finish_reason)
-        elif isinstance(event, Usage) and include_usage:
-            yield {**base, "choices": [], "usage": usage_body(event)}
-
-
-async def _prepend(
-    first: GenerationEvent | None, rest: AsyncIterator[GenerationEvent]
-) -> AsyncIterator[GenerationEvent]:
-    if first is not None:
-        yield first
-    async for event in rest:
-        yield event
-
-
-async def completion_chunks(
-    header: ResponseHeader, events: AsyncIterator[GenerationEvent], logprobs: bool, include_usage: bool
-) -> AsyncIterator[dict[str, Any]]:
-    base = header.fields("text_completion")
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, text: str, finish: str | None = None, lps: Any = None) -> dict[str, Any]:
-        return {**base, "choices": [{"text": text, "index": index, "logprobs": lps, "finish_reason": finish}], **extra}
-
-    async for event in events:
-        if isinstance(event, TextDelta):
-            yield chunk(event.choice, event.text, lps=_completion_logprobs(event.logprobs) if logprobs else None)
-        elif isinstance(event, ChoiceEnd):
-            yield chunk(event.choice, "", event.finish_reason)
-        elif isinstance(event, Usage) and include_usage:
-            yield {**base, "choices": [], "usage": usage_body(event)}
-
-
-def tool_arguments_json(arguments: str) -> str:
-    """Arguments as compact JSON when they parse (models emit compact JSON; keep integers integers)."""
-    try:
-        return json.dumps(json.loads(arguments), separators=(",", ":"), ensure_ascii=False)
-    except ValueError:
-        return arguments
-
-
-def reject_unsupported_task(model_id: str, wanted: str, task: str) -> InvalidRequest:
-    return InvalidRequest(f"model '{model_id}' is a {task} model and cannot serve {wanted}", param="model")

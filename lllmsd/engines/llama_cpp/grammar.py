@@ -4,6 +4,13 @@ from tool definitions, and the one tool-call text format every model is taught a
 Tool calls are written as ``<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>``; the grammar
 only admits calls of the offered tools with arguments valid for their schemas, and ``parse_tool_calls``
 reads calls (and argument fragments, while they stream) back out of that text.
+
+Choices made here, and why:
+- Structured output is constrained, never hoped for: json_object / json_schema and tool calls become GBNF
+  grammars (llama-cpp-python's JSON-schema converter) that llama.cpp's grammar sampler enforces.
+- Tool calls use one format for every model, described in the system prompt (``tool_instructions``),
+  rather than each chat template's own: one grammar and one parser serve every model. How ``tool_choice``
+  uses the grammar is in generate.py.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 from llama_cpp.llama_grammar import SchemaConverter
 
 from lllmsd.config import LlamaCppModelConfig
-from lllmsd.core.tasks import ChatTask, ToolSpec
+from lllmsd.core.jobs import ChatJob, ToolSpec
 from lllmsd.errors import InvalidRequest, UnsupportedParameter
 
 ENGINE = "llama-cpp"
@@ -78,9 +85,9 @@ def resolve_grammar(config: LlamaCppModelConfig, grammar: str | None) -> str | N
     return text
 
 
-def response_grammar(task: ChatTask) -> str | None:
+def response_grammar(job: ChatJob) -> str | None:
     """The grammar a chat request's response_format asks for, if any."""
-    fmt = task.response_format
+    fmt = job.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from lllmsd.core.tasks import (
+from lllmsd.core.jobs import (
     EMPTY_CONTEXT,
+    ChatJob,
     ChatMessage,
-    ChatTask,
     ChoiceEnd,
-    CompletionTask,
+    CompletionJob,
     Context,
     TextDelta,
     TokenLogprob,
@@ -37,10 +37,10 @@ def test_text_contexts_match_by_characters_and_kinds_never_mix() -> None:
 
 
 def test_context_after_appends_the_reply() -> None:
-    chat = ChatTask(messages=(HELLO,))
+    chat = ChatJob(messages=(HELLO,))
     after = context_after(chat, "hi there")
     assert after == Context.of_messages([HELLO, ChatMessage("assistant", "hi there")])
-    assert context_after(CompletionTask(prompt="one two"), " three") == Context.of_text("one two three")
+    assert context_after(CompletionJob(prompt="one two"), " three") == Context.of_text("one two three")
 
 
 def test_collect_generation_folds_choices_tool_calls_and_usage() -> None:

@@ -284,15 +284,18 @@ class InstanceStatus(_Body):
 
 class PoolStatus(_Body):
     instances: list[InstanceStatus]
-    waiting: int = Field(description="Requests waiting for an instance.")
+    waiting: int = Field(description="Requests queued for the model: waiting for an instance or for a batch.")
     min_instances: int
     max_instances: int
     last_error: str | None
+    batches_run: int | None = Field(None, description="Embedding models: engine batches run so far.")
 
 
 class ModelStatus(PoolStatus):
     engine: str
     task: Literal["text-completion", "embedding", "speech-to-text"]
+    serves: list[str] = Field(description="The kinds of request the model takes (chat, completion, ...).")
+    features: list[str] = Field(description="The optional features its engine honours (n, logprobs, tools, ...).")
     state: Literal["busy", "ready", "loading", "error", "unloaded"]
 
 

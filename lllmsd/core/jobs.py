@@ -1,8 +1,15 @@
-"""Engine-neutral tasks, the events engines produce, and the results the core assembles from them.
+"""Engine-neutral jobs, the events engines produce, and the results the core assembles from them.
 
 These dataclasses are the only vocabulary shared by the API layer and the engines: the API converts an
-OpenAI request into a task, an engine turns a task into a stream of events, and the API renders the
+OpenAI request into a job, an engine turns a job into a stream of events, and the API renders the
 events (or the result collected from them) in the OpenAI wire format. Nothing here knows HTTP or pydantic.
+
+Words, each with one meaning:
+- a model's *task* (``ModelTask``, the config's ``task:``) is what a configured model is for;
+- a *job* (``ChatJob``, ``EmbeddingJob``, ...) is one request handed to an engine; its ``kind``
+  (``JobKind``) says which engine method serves it and which task of model can take it;
+- a *feature* (``Feature``) is an optional part of a job that an engine may or may not honour: each job
+  says which features it uses (``features_used``) and each engine class declares the ones it honours.
 
 Every text generator is a stream of events: a non-streaming response is the same stream collected by
 ``collect_generation``, so engines implement one code path and the two response modes cannot drift.
@@ -13,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ModelTask(str, enum.Enum):
@@ -22,6 +29,53 @@ class ModelTask(str, enum.Enum):
     TEXT_COMPLETION = "text-completion"
     EMBEDDING = "embedding"
     SPEECH_TO_TEXT = "speech-to-text"
+
+
+class JobKind(str, enum.Enum):
+    """The kinds of job an engine can serve, one engine method each."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TRANSCRIPTION = "transcription"
+
+    @property
+    def task(self) -> ModelTask:
+        """The task a model must be configured for to take jobs of this kind."""
+        return _TASK_OF_KIND[self]
+
+
+_TASK_OF_KIND = {
+    JobKind.CHAT: ModelTask.TEXT_COMPLETION,
+    JobKind.COMPLETION: ModelTask.TEXT_COMPLETION,
+    JobKind.EMBEDDING: ModelTask.EMBEDDING,
+    JobKind.TRANSCRIPTION: ModelTask.SPEECH_TO_TEXT,
+}
+
+
+class Feature(str, enum.Enum):
+    """An optional part of a job. An engine declares the features it honours; admission refuses (400,
+    naming the request parameter) a job that uses one its engine does not declare, so nothing a client
+    asked for is silently ignored."""
+
+    N = "n"  # more than one choice
+    BEST_OF = "best_of"  # candidates ranked by mean token logprob
+    SEED = "seed"
+    LOGPROBS = "logprobs"
+    LOGIT_BIAS = "logit_bias"
+    PENALTIES = "penalties"  # OpenAI's frequency_penalty / presence_penalty
+    GRAMMAR = "grammar"  # a GBNF grammar (or a named one)
+    JSON_OUTPUT = "json_output"  # response_format json_object / json_schema
+    TOOLS = "tools"  # tools, tool_choice, and tool calls or results in the history
+    ECHO = "echo"
+    ECHO_LOGPROBS = "echo_logprobs"  # logprobs of an echoed prompt
+    SUFFIX = "suffix"  # fill in the middle
+    TOKEN_INPUT = "token_input"  # embedding inputs given as token ids
+    TRANSLATION = "translation"  # speech to English text
+    WORD_TIMESTAMPS = "word_timestamps"
+
+
+FeatureUse = tuple[Feature, str]  # a feature and the request parameter that asked for it
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -93,8 +147,23 @@ class Preload:
     prefix: str | None = None
 
 
+def _sampling_features(sampling: Sampling) -> list[FeatureUse]:
+    used: list[FeatureUse] = []
+    if sampling.seed is not None:
+        used.append((Feature.SEED, "seed"))
+    if sampling.logit_bias:
+        used.append((Feature.LOGIT_BIAS, "logit_bias"))
+    if sampling.frequency_penalty:
+        used.append((Feature.PENALTIES, "frequency_penalty"))
+    if sampling.presence_penalty:
+        used.append((Feature.PENALTIES, "presence_penalty"))
+    return used
+
+
 @dataclass(frozen=True, slots=True)
-class ChatTask:
+class ChatJob:
+    kind: ClassVar[JobKind] = JobKind.CHAT
+
     messages: tuple[ChatMessage, ...]
     sampling: Sampling = field(default_factory=Sampling)
     n: int = 1
@@ -109,9 +178,29 @@ class ChatTask:
     def context(self) -> Context:
         return Context.of_messages(self.messages)
 
+    def features_used(self) -> list[FeatureUse]:
+        used = _sampling_features(self.sampling)
+        if self.n != 1:
+            used.append((Feature.N, "n"))
+        if self.logprobs or self.top_logprobs:
+            used.append((Feature.LOGPROBS, "logprobs" if self.logprobs else "top_logprobs"))
+        if self.grammar is not None:
+            used.append((Feature.GRAMMAR, "grammar"))
+        if self.response_format is not None and self.response_format.type != "text":
+            used.append((Feature.JSON_OUTPUT, "response_format"))
+        if self.tools:
+            used.append((Feature.TOOLS, "tools"))
+        if self.tool_choice not in (None, "none"):
+            used.append((Feature.TOOLS, "tool_choice"))
+        if any(m.role == "tool" or m.tool_calls for m in self.messages):
+            used.append((Feature.TOOLS, "messages"))
+        return used
+
 
 @dataclass(frozen=True, slots=True)
-class CompletionTask:
+class CompletionJob:
+    kind: ClassVar[JobKind] = JobKind.COMPLETION
+
     prompt: str
     sampling: Sampling = field(default_factory=Sampling)
     n: int = 1
@@ -124,17 +213,45 @@ class CompletionTask:
     def context(self) -> Context:
         return Context.of_text(self.prompt)
 
+    def features_used(self) -> list[FeatureUse]:
+        used = _sampling_features(self.sampling)
+        if self.n != 1:
+            used.append((Feature.N, "n"))
+        if self.best_of not in (None, 1):
+            used.append((Feature.BEST_OF, "best_of"))
+        if self.logprobs is not None:
+            used.append((Feature.LOGPROBS, "logprobs"))
+        if self.echo:
+            used.append((Feature.ECHO, "echo"))
+        if self.echo and self.logprobs is not None:
+            used.append((Feature.ECHO_LOGPROBS, "logprobs"))
+        if self.suffix is not None:
+            used.append((Feature.SUFFIX, "suffix"))
+        if self.grammar is not None:
+            used.append((Feature.GRAMMAR, "grammar"))
+        return used
+
 
 @dataclass(frozen=True, slots=True)
-class EmbeddingTask:
-    """Texts, or token id lists, to embed. ``dimensions`` truncates and re-normalises."""
+class EmbeddingJob:
+    """Texts, or token id lists, to embed. Engines return full vectors; the pool applies ``dimensions``
+    (OpenAI's shortening: truncate and re-normalise) once, for every engine."""
+
+    kind: ClassVar[JobKind] = JobKind.EMBEDDING
 
     inputs: tuple[str | tuple[int, ...], ...]
     dimensions: int | None = None
 
+    def features_used(self) -> list[FeatureUse]:
+        if any(not isinstance(item, str) for item in self.inputs):
+            return [(Feature.TOKEN_INPUT, "input")]
+        return []
+
 
 @dataclass(frozen=True, slots=True)
-class TranscriptionTask:
+class TranscriptionJob:
+    kind: ClassVar[JobKind] = JobKind.TRANSCRIPTION
+
     audio: bytes
     filename: str = "audio"
     language: str | None = None
@@ -142,6 +259,17 @@ class TranscriptionTask:
     temperature: float | None = None
     translate: bool = False
     word_timestamps: bool = False
+
+    def features_used(self) -> list[FeatureUse]:
+        used: list[FeatureUse] = []
+        if self.translate:
+            used.append((Feature.TRANSLATION, "model"))
+        if self.word_timestamps:
+            used.append((Feature.WORD_TIMESTAMPS, "timestamp_granularities"))
+        return used
+
+
+Job = ChatJob | CompletionJob | EmbeddingJob | TranscriptionJob
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -186,20 +314,15 @@ class Context:
             i += 1
         return i
 
-    def extended(self, continuation: Context) -> Context:
-        if self.kind != continuation.kind and not self.empty:
-            return continuation
-        return Context(continuation.kind, self.items + continuation.items)  # type: ignore[operator]
-
 
 EMPTY_CONTEXT = Context()
 
 
-def context_after(task: ChatTask | CompletionTask, reply: str) -> Context:
-    """What an instance holds after answering ``task`` with ``reply`` (its only choice), for affinity."""
-    if isinstance(task, ChatTask):
-        return Context.of_messages((*task.messages, ChatMessage(role="assistant", content=reply)))
-    return Context.of_text(task.prompt + reply)
+def context_after(job: ChatJob | CompletionJob, reply: str) -> Context:
+    """What an instance holds after answering ``job`` with ``reply`` (its only choice), for affinity."""
+    if isinstance(job, ChatJob):
+        return Context.of_messages((*job.messages, ChatMessage(role="assistant", content=reply)))
+    return Context.of_text(job.prompt + reply)
 
 
 # -------------------------------------------------------------------------------------- engine events

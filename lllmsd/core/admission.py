@@ -1,0 +1,80 @@
+"""Admission: the one door from a handler into core.
+
+A handler validates its wire body, then calls ``runtime.admit(model_id, kind, build)``. Admission:
+1. looks the model up (404 if there is none);
+2. refuses a request the model's task cannot serve (``UnsupportedTask``, 400, param ``model``): an
+   embedding request to a chat model, a chat request to a Whisper model;
+3. builds the job with the model's config (``build``: the wire schema's converter, which applies the
+   model's defaults and limits);
+4. refuses every feature the job uses that the engine class does not declare (``UnsupportedParameter``,
+   400 naming the request parameter), then lets the engine check what only it can judge (``check_job``);
+5. returns the job and the pool to send it to.
+
+All of it happens on the event loop before the request queues, so a request that cannot be served is
+refused at once, never after it waited for an instance. Nothing here touches weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from lllmsd.core.jobs import Feature, Job, JobKind
+from lllmsd.errors import ModelNotFound, UnsupportedParameter, UnsupportedTask
+
+if TYPE_CHECKING:
+    from lllmsd.core.pool import ModelPool
+    from lllmsd.engines.base import Engine
+
+J = TypeVar("J", bound=Job)
+
+# what a client asked for, in the words of the error message
+_REQUESTS = {
+    JobKind.CHAT: "chat completions",
+    JobKind.COMPLETION: "completions",
+    JobKind.EMBEDDING: "embeddings",
+    JobKind.TRANSCRIPTION: "audio transcriptions or translations",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Admission(Generic[J]):
+    """Where an admitted request goes: its job, and the pool of the model that runs it."""
+
+    job: J
+    pool: ModelPool
+
+    @property
+    def config(self) -> Any:
+        return self.pool.config
+
+
+def admit(pools: Mapping[str, ModelPool], model_id: str, kind: JobKind, build: Callable[[Any], J]) -> Admission[J]:
+    pool = pools.get(model_id)
+    if pool is None:
+        raise ModelNotFound(model_id)
+    config, engine = pool.config, pool.engine_class
+    if kind.task is not config.task or kind not in engine.serves:
+        raise UnsupportedTask(
+            f"model '{model_id}' is a {config.task.value} model and cannot serve {_REQUESTS[kind]}", param="model"
+        )
+    job = build(config)
+    check_job(engine, config, job)
+    return Admission(job, pool)
+
+
+def check_job(engine: type[Engine], config: Any, job: Job) -> None:
+    """Refuse what ``engine`` cannot honour in ``job``: every feature it does not declare, then its own
+    checks. Admission's last step; the engine contract tests call it too."""
+    for feature, param in job.features_used():
+        if feature not in engine.features:
+            raise UnsupportedParameter(param, engine.name, _FEATURE_DETAIL.get(feature, ""))
+    engine.check_job(config, job)
+
+
+_FEATURE_DETAIL = {
+    Feature.ECHO_LOGPROBS: "no logprobs for an echoed prompt",
+    Feature.PENALTIES: "use repeat_penalty",
+    Feature.TOKEN_INPUT: "send the text",
+}

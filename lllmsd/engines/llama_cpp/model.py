@@ -1,0 +1,66 @@
+"""Opening a GGUF as a ``llama_cpp.Llama`` for one instance: what both engine classes share.
+
+Context: ``context_size``, or min(the model's training context, a default) read from the GGUF metadata:
+4096 for text; for embeddings the whole context is one batch (pooling needs a sequence in one batch), so
+the default is smaller (2048). A text model evaluates prompts ``batch_size`` tokens at a time.
+
+Threads come from ``device`` or the defaults in ``threads.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from lllmsd.config import LlamaCppModelConfig
+from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.llama_cpp.threads import default_batch_threads, default_threads
+from lllmsd.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096
+DEFAULT_EMBEDDING_CONTEXT = 2048
+
+
+def load_llama(config: LlamaCppModelConfig, files: ModelFiles, *, embedding: bool) -> llama_cpp.Llama:
+    """The instance's ``Llama``: for generation, or (``embedding``) with mean pooling over one batch."""
+    if files.path is None:
+        raise InvalidRequest("the llama-cpp engine needs a GGUF file")
+    path = str(files.path)
+    context = config.context_size or default_context(path, DEFAULT_EMBEDDING_CONTEXT if embedding else DEFAULT_CONTEXT)
+    batch = context if embedding else min(config.batch_size, context)
+    llama = llama_cpp.Llama(
+        path,
+        n_ctx=context,
+        n_batch=batch,
+        n_ubatch=batch,
+        n_threads=config.device.threads or default_threads(config.max_instances),
+        n_threads_batch=config.device.batch_threads or default_batch_threads(config.max_instances),
+        embedding=embedding,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
+        verbose=False,
+    )
+    log.info("llama-cpp: loaded %s (context %d)", path, llama.n_ctx())
+    return llama
+
+
+def default_context(path: str, limit: int) -> int:
+    """min(training context, ``limit``), read from the GGUF metadata with a vocabulary-only load."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = internals.LlamaModel(path_model=path, params=params, verbose=False)
+    try:
+        metadata = model.metadata()
+    finally:
+        model.close()
+    arch = metadata.get("general.architecture", "")
+    trained = int(metadata.get(f"{arch}.context_length", 0) or 0)
+    return min(trained, limit) if trained > 0 else limit
+
+
+def tokenize(llama: llama_cpp.Llama, text: str, *, add_bos: bool = True) -> list[int]:
+    """Text to token ids; special-token text (``<|im_start|>``) becomes the special token, as templates mean it."""
+    return llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)

@@ -1,0 +1,217 @@
+"""The token loop: what the context holds, the sampler chain, and the logprobs of each sampled token.
+
+Choices made here, and why:
+- KV reuse: before evaluating a prompt the decoder keeps the longest common prefix of what the context
+  holds and the new prompt (all but the last prompt token, whose logits are needed to sample). That count
+  is the ``cached_tokens`` reported in Usage: a follow-up chat turn evaluates only the new tokens.
+- Logprobs come from the logits of the last evaluated position (``llama_get_logits_ith(ctx, -1)``), so
+  ``logits_all`` (n_ctx x n_vocab floats) is never needed.
+- Defaults for values a request leaves out: OpenAI's temperature 1 and top_p 1; llama.cpp's top_k 40 and
+  min_p 0.05 (a small model at temperature 1 without any truncation rambles); no penalties. How many
+  tokens a job may generate by default is the text engine's choice (text.py).
+- Each choice samples from its own random stream, reproducible when the request gave a seed.
+- A sampled token is evaluated only when the next one is asked for, so a stop leaves nothing unused in
+  the context.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals as internals
+
+from lllmsd.core.jobs import Sampling, TokenLogprob, TopLogprob
+from lllmsd.errors import InvalidRequest
+
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_LAST_N = 64
+RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for this value
+BAN_BIAS = -100.0  # OpenAI's "ban this token": made a hard ban (-inf), not merely unlikely
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one generation needs, resolved from a job."""
+
+    sampling: Sampling
+    max_tokens: int | None
+    stops: tuple[str, ...] = ()
+    grammar: str | None = None
+    top_logprobs: int | None = None  # None: no logprobs
+    text_offset: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one choice ended: ``finish`` None means cancelled; ``tool_trigger`` asks for a tool-call rerun."""
+
+    cached: int
+    tokens: int = 0
+    finish: str | None = None
+    logprob_sum: float = 0.0
+    tool_trigger: bool = False
+
+
+def seed_for(sampling: Sampling, choice: int) -> int:
+    """The seed of one choice's stream: random, or the request's seed offset by the choice index."""
+    if sampling.seed is None:
+        return RANDOM_SEED
+    return (sampling.seed + choice) % RANDOM_SEED
+
+
+class Decoder:
+    """Evaluates prompts into one ``Llama``'s context and samples tokens after them."""
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self._llama = llama
+        self.context_size = llama.n_ctx()
+        self.n_vocab = llama.n_vocab()
+        self._vocab = llama._model.vocab
+
+    @property
+    def held_tokens(self) -> int:
+        """How many tokens the context holds evaluated."""
+        return int(self._llama.n_tokens)
+
+    # ------------------------------------------------------------------------------------- KV cache
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        llama = self._llama
+        held = llama.input_ids[: min(llama.n_tokens, len(tokens))]
+        differ = np.nonzero(held != np.asarray(tokens[: len(held)], dtype=held.dtype))[0]
+        return int(differ[0]) if differ.size else len(held)
+
+    def evaluate(self, tokens: list[int], cancel: threading.Event | None, *, keep_last: bool = True) -> int | None:
+        """Make the context hold ``tokens``, reusing the longest cached prefix; returns how many prompt
+        tokens were reused, or None if cancelled. With ``keep_last`` the last token is always evaluated:
+        sampling needs its logits."""
+        llama = self._llama
+        reuse = self._cached_prefix(tokens)
+        if keep_last:
+            reuse = min(reuse, len(tokens) - 1)
+        if reuse < llama.n_tokens and not llama._ctx.kv_cache_seq_rm(-1, reuse, -1):
+            reuse = 0  # this model's memory cannot drop a suffix: start over
+            llama.reset()
+        llama.n_tokens = reuse
+        for start in range(reuse, len(tokens), llama.n_batch):
+            if cancel is not None and cancel.is_set():
+                return None
+            llama.eval(tokens[start : start + llama.n_batch])
+        return reuse
+
+    # ------------------------------------------------------------------------------------- sampling
+
+    def tokens(
+        self, prompt: list[int], plan: Plan, seed: int, cancel: threading.Event, outcome: Outcome, *, score: bool
+    ) -> Iterator[tuple[bytes, TokenLogprob | None]]:
+        """The generated tokens' bytes (and logprobs when asked for) after an evaluated ``prompt``; sets
+        ``outcome.finish`` on a normal end. ``score`` sums logprobs into ``outcome`` even when the plan
+        asks for none (best_of ranks candidates by them)."""
+        sampler = self._sampler(plan, seed, prompt)
+        try:
+            token = -1
+            for position in range(self._budget(plan, prompt)):
+                if cancel.is_set():
+                    return
+                if position:
+                    self._llama.eval([token])  # only now: a token nobody asks to continue stays unevaluated
+                token = sampler.sample(self._llama._ctx, -1)
+                if self._is_end(token):
+                    outcome.finish = "stop"
+                    return
+                piece = self._piece(token)
+                logprob = None
+                if plan.top_logprobs is not None or score:
+                    logprob = self._logprob(token, piece, plan.top_logprobs or 0)
+                    outcome.logprob_sum += logprob.logprob
+                outcome.tokens += 1
+                yield piece, (logprob if plan.top_logprobs is not None else None)
+            outcome.finish = "length"
+        finally:
+            sampler.close()
+
+    def _piece(self, token: int) -> bytes:
+        return self._llama._model.detokenize([token])
+
+    def _is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _budget(self, plan: Plan, prompt: list[int]) -> int:
+        room = self.context_size - len(prompt)
+        return room if plan.max_tokens is None else min(plan.max_tokens, room)
+
+    def _sampler(self, plan: Plan, seed: int, prompt: list[int]) -> internals.LlamaSampler:
+        s = plan.sampling
+        chain = internals.LlamaSampler()
+        if s.logit_bias:
+            chain.add_logit_bias(self.n_vocab, self._logit_bias(s.logit_bias))
+        self._add_penalties(chain, s, prompt)
+        if plan.grammar is not None:
+            self._add_grammar(chain, plan.grammar)
+        temperature = 1.0 if s.temperature is None else s.temperature
+        if temperature <= 0:
+            chain.add_greedy()
+            return chain
+        chain.add_top_k(DEFAULT_TOP_K if s.top_k is None else s.top_k)
+        chain.add_top_p(1.0 if s.top_p is None else s.top_p, 1)
+        chain.add_min_p(DEFAULT_MIN_P if s.min_p is None else s.min_p, 1)
+        chain.add_temp(temperature)
+        chain.add_dist(seed)
+        return chain
+
+    def _add_penalties(self, chain: internals.LlamaSampler, s: Sampling, prompt: list[int]) -> None:
+        repeat = s.repeat_penalty or 1.0
+        if repeat == 1.0 and not s.frequency_penalty and not s.presence_penalty:
+            return
+        last_n = s.repeat_last_n if s.repeat_last_n is not None else DEFAULT_REPEAT_LAST_N
+        sampler = llama_cpp.llama_sampler_init_penalties(
+            self.n_vocab, last_n, repeat, s.frequency_penalty or 0.0, s.presence_penalty or 0.0
+        )
+        # "The text so far" includes the prompt (as in llama.cpp's server): the penalty window starts
+        # filled with the prompt's last tokens. Fed to this sampler alone, never to a grammar.
+        for token in prompt[-last_n:] if last_n > 0 else ():
+            llama_cpp.llama_sampler_accept(sampler, token)
+        llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
+
+    def _logit_bias(self, bias: dict[int, float]) -> dict[int, float]:
+        for token in bias:
+            if not 0 <= int(token) < self.n_vocab:
+                raise InvalidRequest(f"logit_bias: token {token} is not in the vocabulary", param="logit_bias")
+        return {int(t): (-math.inf if b <= BAN_BIAS else float(b)) for t, b in bias.items()}
+
+    def _add_grammar(self, chain: internals.LlamaSampler, grammar: str) -> None:
+        # Built here rather than with LlamaSampler.add_grammar: llama.cpp returns NULL for a grammar it
+        # cannot parse, and adding NULL to a chain would crash the process.
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise InvalidRequest("grammar: llama.cpp could not parse this GBNF grammar", param="grammar")
+        llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
+
+    def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + math.log(float(np.exp(logits - peak, dtype=np.float64).sum()))
+        alternatives: tuple[TopLogprob, ...] = ()
+        if top > 0:
+            best = np.argpartition(logits, -top)[-top:]
+            best = best[np.argsort(-logits[best])]
+            alternatives = tuple(
+                TopLogprob(
+                    token=self._piece(int(t)).decode("utf-8", "replace"),
+                    logprob=float(logits[t]) - log_total,
+                    bytes=tuple(self._piece(int(t))),
+                )
+                for t in best
+            )
+        return TokenLogprob(
+            token=piece.decode("utf-8", "replace"),
+            logprob=float(logits[token]) - log_total,
+            bytes=tuple(piece),
+            top=alternatives,
+        )

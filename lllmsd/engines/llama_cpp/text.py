@@ -1,0 +1,179 @@
+"""The llama-cpp text engine: chat and completions on a GGUF, driven token by token.
+
+Generation runs at the token level on a prompt this engine renders itself (prompt.py), so one code path
+controls everything OpenAI asks for: prefix reuse of the KV cache, stop sequences, cancellation between
+tokens, logprobs, grammars and tool calls (sampling.py, generate.py, grammar.py).
+
+This module turns a job into a plan: the prompt's tokens, the sampling, the grammar, the stops. Choices
+made here, and why:
+- Completions generate 16 tokens when the request gives no max_tokens (OpenAI's default); chat runs until
+  the model stops or the context is full.
+- A prompt must leave room for at least one token, and a max_tokens the client asked for must fit beside
+  the prompt (a 400, as with OpenAI); a default is shortened to the room left instead.
+- An empty completion prompt still starts from BOS (or EOS for models without one): sampling needs a
+  position to sample after.
+- ``check_job`` compiles what the request brings (named grammars, JSON Schemas, tool schemas) before
+  the request queues, so a schema the converter cannot express is a 400 at once, not after the wait.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+
+from lllmsd.config import LlamaCppModelConfig
+from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, GenerationEvent, Job, Preload, Sampling
+from lllmsd.engines.base import ModelFiles, TextEngine
+from lllmsd.engines.llama_cpp.generate import best_of, generate
+from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_grammar
+from lllmsd.engines.llama_cpp.model import load_llama, tokenize
+from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
+from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
+from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class LlamaCppTextEngine(TextEngine):
+    name = ENGINE
+    features = frozenset(
+        {
+            Feature.N,
+            Feature.BEST_OF,
+            Feature.SEED,
+            Feature.LOGPROBS,
+            Feature.LOGIT_BIAS,
+            Feature.PENALTIES,
+            Feature.GRAMMAR,
+            Feature.JSON_OUTPUT,
+            Feature.TOOLS,
+            Feature.ECHO,
+            Feature.SUFFIX,
+        }
+    )
+
+    def __init__(self, config: LlamaCppModelConfig, files: ModelFiles) -> None:
+        super().__init__(config, files)
+        self._llama = load_llama(config, files, embedding=False)
+        self._decoder = Decoder(self._llama)
+        self._prompt = ChatPrompt(self._llama, config.chat_format)
+        self.context_size = self._decoder.context_size
+
+    def close(self) -> None:
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            llama.close()
+
+    # ---------------------------------------------------------------------------------------- checks
+
+    @classmethod
+    def config_problems(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
+        return [("chat_format", problem) for problem in chat_format_problems(config.chat_format)]
+
+    @classmethod
+    def check_job(cls, config: LlamaCppModelConfig, job: Job) -> None:
+        if isinstance(job, ChatJob):
+            cls._check_chat(config, job)
+        elif isinstance(job, CompletionJob):
+            resolve_grammar(config, job.grammar)
+            if job.best_of is not None and job.best_of < job.n:
+                raise InvalidRequest("best_of must be >= n", param="best_of")
+
+    @classmethod
+    def _check_chat(cls, config: LlamaCppModelConfig, job: ChatJob) -> None:
+        grammar = resolve_grammar(config, job.grammar)
+        try:
+            json_grammar = response_grammar(job)
+            if job.tools and job.tool_choice != "none":
+                tool_grammar(job.tools, job.parallel_tool_calls)
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise InvalidRequest(f"cannot turn the JSON Schema into a grammar: {exc}") from None
+        if grammar is not None and json_grammar is not None:
+            raise UnsupportedParameter("grammar", ENGINE, "give grammar or a JSON response_format, not both")
+        if job.tools and job.tool_choice != "none" and (grammar is not None or json_grammar is not None):
+            raise UnsupportedParameter(
+                "tools", ENGINE, "tool calls cannot be combined with grammar or a JSON response_format"
+            )
+
+    def _check_context(self, prompt: list[int], param: str, sampling: Sampling | None = None) -> None:
+        if len(prompt) >= self.context_size:  # at least one token must fit after the prompt
+            raise ContextLengthExceeded(len(prompt), self.context_size, param=param)
+        # a max_tokens the client asked for must fit beside the prompt (a default is shortened instead)
+        if sampling is not None and sampling.strict_max_tokens and sampling.max_tokens is not None:
+            needed = len(prompt) + sampling.max_tokens
+            if needed > self.context_size:
+                raise ContextLengthExceeded(needed, self.context_size, param="max_tokens")
+
+    # ----------------------------------------------------------------------------------- entry points
+
+    def preload(self, preload: Preload) -> int:
+        if preload.messages:
+            tokens, _ = self._prompt.render(preload.messages, (), open_turn=False)
+        else:
+            tokens = tokenize(self._llama, preload.prefix or "")
+        if not tokens:
+            return 0
+        self._check_context(tokens, "preload")
+        self._decoder.evaluate(tokens, None, keep_last=False)
+        return self._decoder.held_tokens
+
+    def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        self._check_chat(self.config, job)  # as admission did, for callers that bypass it: the plan assumes it
+        use_tools = bool(job.tools) and job.tool_choice != "none"
+        prompt, format_stops = self._prompt.render(job.messages, job.tools if use_tools else (), open_turn=True)
+        self._check_context(prompt, "messages", job.sampling)
+        plan = Plan(
+            sampling=job.sampling,
+            max_tokens=job.sampling.max_tokens,
+            stops=(*job.sampling.stop, *format_stops),
+            grammar=resolve_grammar(self.config, job.grammar) or response_grammar(job),
+            top_logprobs=job.top_logprobs if job.logprobs else None,
+        )
+        tools = None
+        if use_tools:
+            chosen = job.tools
+            if job.tool_choice not in (None, "auto", "required"):
+                chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
+                if not chosen:
+                    raise InvalidRequest(
+                        f"tool_choice names an unknown function {job.tool_choice!r}", param="tool_choice"
+                    )
+            tools = replace(plan, stops=(), top_logprobs=None, grammar=tool_grammar(chosen, job.parallel_tool_calls))
+        auto = use_tools and job.tool_choice in (None, "auto")
+        yield from generate(self._decoder, prompt, plan, job.n, cancel, tools=tools, auto=auto)
+
+    def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        self.check_job(self.config, job)  # as admission did, for callers that bypass it
+        prompt = self._completion_prompt(job)
+        self._check_context(prompt, "prompt", job.sampling)
+        plan = Plan(
+            sampling=job.sampling,
+            max_tokens=job.sampling.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS,
+            stops=job.sampling.stop,
+            grammar=resolve_grammar(self.config, job.grammar),
+            top_logprobs=job.logprobs,
+            text_offset=len(job.prompt) if job.echo else 0,
+        )
+        prefix = job.prompt if job.echo else None
+        if job.best_of is not None and job.best_of > job.n:
+            yield from best_of(self._decoder, prompt, plan, job.n, job.best_of, cancel, prefix)
+        else:
+            yield from generate(self._decoder, prompt, plan, job.n, cancel, prefix=prefix)
+
+    def _completion_prompt(self, job: CompletionJob) -> list[int]:
+        if job.suffix is None:
+            return tokenize(self._llama, job.prompt) or [self._fallback_start()]
+        model = self._llama._model
+        pre, suf, mid = model.token_prefix(), model.token_suffix(), model.token_middle()
+        if min(pre, suf, mid) < 0:
+            raise UnsupportedParameter("suffix", ENGINE, "this model has no fill-in-the-middle tokens")
+        bos = [model.token_bos()] if model.add_bos_token() and model.token_bos() >= 0 else []
+        before = tokenize(self._llama, job.prompt, add_bos=False)
+        after = tokenize(self._llama, job.suffix, add_bos=False)
+        return [*bos, pre, *before, suf, *after, mid]
+
+    def _fallback_start(self) -> int:
+        """An empty prompt still needs one token to sample from: BOS, or EOS for models without one."""
+        model = self._llama._model
+        return model.token_bos() if model.token_bos() >= 0 else model.token_eos()

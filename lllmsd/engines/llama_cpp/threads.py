@@ -1,0 +1,33 @@
+"""How many threads one llama-cpp instance uses, when the config's ``device`` leaves them out.
+
+``device.threads`` (generation) and ``device.batch_threads`` (prompt evaluation) win when given. Left
+out, each instance gets its share of the cores, ``cores // max_instances`` (at least 1), for prompt
+evaluation, and at most half the cores for generation (llama-cpp-python's own choice, the fastest measured
+on 2 cores: shared/MODELS.md). So one instance on 2 cores uses 1 and 2 threads; two instances sharing
+them use 1 and 1: ggml threads spin-wait, and two instances each asking for both cores slow each other
+down (bench/chat_throughput.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_batch_threads(max_instances: int, cores: int | None = None) -> int:
+    """Prompt-evaluation threads of one instance: its share of the cores when instances run at once."""
+    return max(1, (cores or usable_cores()) // max(1, max_instances))
+
+
+def default_threads(max_instances: int, cores: int | None = None) -> int:
+    """Generation threads of one instance: its share, and at most half the cores (token-by-token
+    decoding is memory-bound; more threads mostly spin)."""
+    cores = cores or usable_cores()
+    return max(1, min(cores // 2, default_batch_threads(max_instances, cores)))
