@@ -163,6 +163,26 @@ class ModelBase(_Section):
         default_factory=CompletionDefaults, description="Values used when a request leaves them out."
     )
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="CPU resources per instance.")
+    # -- where the engine runs and how long one request may keep it (see docs/hardening.md)
+    isolation: Literal["process", "thread"] | None = Field(
+        None,
+        description="Where each instance's engine runs: `process` (a worker process of its own: a crash in the "
+        "engine's C code costs that instance only) or `thread` (inside the daemon); null = the engine's default "
+        "(process for every real engine).",
+    )
+    cancel_grace: float = Field(
+        10,
+        gt=0,
+        description="Seconds a job gets to stop after its client left or its time ran out; a worker process "
+        "that has not stopped by then is killed and replaced.",
+    )
+    max_request_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds of engine work one request may take; then generation ends (finish_reason "
+        "`length`), or an embedding or transcription fails with 503. null = 600 for text, 120 for embedding "
+        "and 3600 for speech-to-text models.",
+    )
     # -- embedding models: dynamic batching of concurrent requests (see docs/embeddings.md)
     batch_window_ms: float = Field(
         2,
@@ -191,6 +211,14 @@ class ModelBase(_Section):
         ge=1,
         description="Text models: characters one request's prompt may have at most (chat: every message's "
         "content and tool-call arguments; completions: prompt and suffix), checked before any tokenizing.",
+    )
+    # -- speech-to-text models: what one upload may hold (see docs/transcription.md); more is a 400
+    max_audio_seconds: float = Field(
+        7200,
+        gt=0,
+        description="Speech-to-text models: seconds of audio one upload may hold at most (2 hours); longer "
+        "audio is a 400, found while decoding (or from the container's declared duration) before any "
+        "transcribing.",
     )
 
     @field_validator("token", mode="before")
@@ -230,14 +258,31 @@ class ModelBase(_Section):
         if self.task is not ModelTask.TEXT_COMPLETION:
             for name in sorted(self.model_fields_set & _TEXT_ONLY):
                 found.append((name, "only text-completion models take messages and prompts"))
+        if self.task is not ModelTask.SPEECH_TO_TEXT:
+            for name in sorted(self.model_fields_set & _STT_ONLY):
+                found.append((name, "only speech-to-text models take this option"))
         return found
 
     def needs_source(self) -> bool:
         return True
 
+    def request_seconds(self) -> float:
+        """The time budget of one request's engine work: ``max_request_seconds`` or the task's default."""
+        if self.max_request_seconds is not None:
+            return self.max_request_seconds
+        return _DEFAULT_REQUEST_SECONDS[self.task]
 
+
+# long enough for a long answer, a big batch, a 2-hour recording on a small CPU; short enough that a
+# runaway request (a grammar that never lets the model stop) cannot hold an instance for good
+_DEFAULT_REQUEST_SECONDS = {
+    ModelTask.TEXT_COMPLETION: 600.0,
+    ModelTask.EMBEDDING: 120.0,
+    ModelTask.SPEECH_TO_TEXT: 3600.0,
+}
 _EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs", "truncate"})
 _TEXT_ONLY = frozenset({"max_messages", "max_prompt_chars"})
+_STT_ONLY = frozenset({"max_audio_seconds"})
 
 
 def _source_problems(model: ModelBase) -> list[tuple[str, str]]:
@@ -368,6 +413,14 @@ class DaemonConfig(_Section):
         gt=0,
         description="Seconds a connection may stay idle or take to send its request headers, and a JSON body "
         "may take to arrive (else 408): a slow or stalled client cannot hold a connection forever.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Client connections held open at most (idle keep-alive ones count). At the cap the least "
+        "recently active idle connection is closed to make room; when every one is busy a new connection gets "
+        "503 `too_many_connections`. Needs that many open files plus 256 (see docs/hardening.md); restart to "
+        "change.",
     )
     models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
 

@@ -7,6 +7,8 @@ never an aiohttp ``web.HTTP*`` exception.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LllmsdError(Exception):
     """Base of every error that reaches a client as an OpenAI error envelope."""
@@ -25,6 +27,18 @@ class LllmsdError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers (e.g. Retry-After)."""
         return {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other constructor arguments; rebuild from the state instead, so an error an
+        # engine raises in its worker process reaches the daemon as the same class with the same fields.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[LllmsdError], message: str, state: dict[str, Any]) -> LllmsdError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRequest(LllmsdError):
@@ -118,6 +132,13 @@ class ModelUnavailable(ServiceUnavailable):
     """The model's weights could not be downloaded, verified or loaded."""
 
     code = "model_unavailable"
+
+
+class TimeBudgetExceeded(ServiceUnavailable):
+    """A request's engine work ran past the model's ``max_request_seconds`` (text generation ends with
+    finish_reason "length" instead; this is for work that cannot end early, or did not)."""
+
+    code = "time_budget_exceeded"
 
 
 class ShuttingDown(ServiceUnavailable):

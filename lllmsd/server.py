@@ -6,6 +6,10 @@ socket listens (READY=1 goes to systemd then, not before) and can handle SIGHUP 
 Signals: SIGINT/SIGTERM stop (STOPPING=1; aiohttp stops accepting connections, running requests get
 ``shutdown_grace`` seconds, then every instance is disposed). SIGHUP re-reads the config file
 (RELOADING=1, then READY=1 with a STATUS line saying what changed or why the new file was refused).
+
+Connections: the site is a ``connections.CappedTCPSite``: at most ``max_connections`` are held (at the cap
+the least recently active idle one is closed to make room, and a new one is refused with 503 only when all
+are busy), after the soft open-files limit has been raised to the hard one (``listen``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from aiohttp import web
 from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
 from lllmsd.config import ConfigError, DaemonConfig, load_config
+from lllmsd.connections import CappedTCPSite, connection_cap, raise_open_files_limit
 from lllmsd.core.runtime import ReloadResult, Runtime
 from lllmsd.notify import Notifier
 
@@ -62,18 +67,11 @@ async def serve(
     notifier = notifier or Notifier()
     app = create_app(config, base_dir=config_path.parent)
     runtime = app[RUNTIME]
-    runner = web.AppRunner(
-        app,
-        access_log=None,  # our middleware logs one line per request, with the model and request id
-        handler_cancellation=True,  # a client that goes away cancels its request (and its generation)
-        shutdown_timeout=config.shutdown_grace,
-        **protocol_options(config),
-    )
+    runner = make_runner(app, config)
     await runner.setup()  # starts the runtime (min instances begin loading in the background)
     stop = asyncio.Event()
     try:
-        site = web.TCPSite(runner, host or config.listen.host, config.listen.port if port is None else port)
-        await site.start()
+        await listen(runner, config, host, port)
         url = _url(runner)
         log.info("lllmsd serving %d models on %s/v1 (pid %d)", len(config.models), url, os.getpid())
         _install_signals(stop, runtime, config_path, notifier)
@@ -84,6 +82,34 @@ async def serve(
     finally:
         _remove_signals()
         await runner.cleanup()
+
+
+def make_runner(app: web.Application, config: DaemonConfig) -> web.AppRunner:
+    """The app's runner, with the settings `lllmsd serve` uses."""
+    return web.AppRunner(
+        app,
+        access_log=None,  # our middleware logs one line per request, with the model and request id
+        handler_cancellation=True,  # a client that goes away cancels its request (and its generation)
+        shutdown_timeout=config.shutdown_grace,
+        **protocol_options(config),
+    )
+
+
+async def listen(
+    runner: web.AppRunner, config: DaemonConfig, host: str | None = None, port: int | None = None
+) -> CappedTCPSite:
+    """Listen on ``host``:``port`` (default: the config's) with at most ``max_connections`` connections.
+
+    Raises the soft open-files limit to the hard one first; if that cannot hold ``max_connections`` plus
+    the reserve, one warning says what to set and the cap is lowered to fit (connections.connection_cap).
+    ``max_connections`` is read here only: changing it needs a restart.
+    """
+    cap = connection_cap(config.max_connections, raise_open_files_limit())
+    site = CappedTCPSite(
+        runner, host or config.listen.host, config.listen.port if port is None else port, max_connections=cap
+    )
+    await site.start()
+    return site
 
 
 def protocol_options(config: DaemonConfig) -> dict[str, Any]:

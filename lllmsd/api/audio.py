@@ -61,7 +61,9 @@ async def _serve(request: web.Request, schema: type[AudioRequest], operation: st
     if not form.audio:
         raise InvalidRequest(f"'{form.filename}' is empty", param="file")
     audio, filename = form.audio, form.filename
-    admission = request.app[RUNTIME].admit(body.model, JobKind.TRANSCRIPTION, lambda _: body.to_job(audio, filename))
+    admission = await request.app[RUNTIME].admit(
+        body.model, JobKind.TRANSCRIPTION, lambda _: body.to_job(audio, filename)
+    )
     async with admission.pool.acquire() as instance:
         events = instance.transcribe(admission.job)
         if body.stream:

@@ -13,7 +13,7 @@ from lllmsd.core.jobs import JobKind
 async def embeddings(request: web.Request) -> web.Response:
     body = EmbeddingRequest.model_validate(await read_json(request))
     request[MODEL] = body.model
-    admission = request.app[RUNTIME].admit(body.model, JobKind.EMBEDDING, body.to_job)
+    admission = await request.app[RUNTIME].admit(body.model, JobKind.EMBEDDING, body.to_job)
     # the pool batches concurrent requests into shared engine calls (see core/batcher.py)
     result = await admission.pool.embed(admission.job)
     return web.json_response(embedding_response(body.model, result, body.encoding_format))

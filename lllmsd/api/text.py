@@ -37,7 +37,7 @@ async def _generate(
     request: web.Request, body: ChatCompletionRequest | CompletionRequest, kind: JobKind
 ) -> web.StreamResponse:
     # refused parameters answer 400 here, before the request queues
-    admission = request.app[RUNTIME].admit(body.model, kind, body.to_job)
+    admission = await request.app[RUNTIME].admit(body.model, kind, body.to_job)
     job = admission.job
     is_chat = isinstance(job, ChatJob)
     async with admission.pool.acquire(job.context()) as instance:

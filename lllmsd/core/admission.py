@@ -10,17 +10,19 @@ A handler validates its wire body, then calls ``runtime.admit(model_id, kind, bu
    400 naming the request parameter), then lets the engine check what only it can judge (``check_job``);
 5. returns the job and the pool to send it to.
 
-All of it happens on the event loop before the request queues, so a request that cannot be served is
-refused at once, never after it waited for an instance. Nothing here touches weights.
+All of it happens before the request queues, so a request that cannot be served is refused at once,
+never after it waited for an instance. Nothing here touches weights; the one step that can take a while
+(the engine converting a large JSON Schema or grammar) runs on a thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from lllmsd.core.jobs import Feature, Job, JobKind
+from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, Job, JobKind
 from lllmsd.errors import ModelNotFound, UnsupportedParameter, UnsupportedTask
 
 if TYPE_CHECKING:
@@ -50,7 +52,9 @@ class Admission(Generic[J]):
         return self.pool.config
 
 
-def admit(pools: Mapping[str, ModelPool], model_id: str, kind: JobKind, build: Callable[[Any], J]) -> Admission[J]:
+async def admit(
+    pools: Mapping[str, ModelPool], model_id: str, kind: JobKind, build: Callable[[Any], J]
+) -> Admission[J]:
     pool = pools.get(model_id)
     if pool is None:
         raise ModelNotFound(model_id)
@@ -60,17 +64,34 @@ def admit(pools: Mapping[str, ModelPool], model_id: str, kind: JobKind, build: C
             f"model '{model_id}' is a {config.task.value} model and cannot serve {_REQUESTS[kind]}", param="model"
         )
     job = build(config)
-    check_job(engine, config, job)
+    refuse_undeclared_features(engine, job)
+    if carries_grammar_work(job):
+        # turning a JSON Schema or grammar into the engine's form can take a while on a large one:
+        # off the event loop, so other requests are not held up meanwhile
+        await asyncio.to_thread(engine.check_job, config, job)
+    else:
+        engine.check_job(config, job)
     return Admission(job, pool)
+
+
+def carries_grammar_work(job: Job) -> bool:
+    """Whether checking ``job`` means converting schemas or grammars (worth a thread)."""
+    if isinstance(job, ChatJob):
+        return bool(job.tools or job.grammar or (job.response_format and job.response_format.schema))
+    return isinstance(job, CompletionJob) and job.grammar is not None
 
 
 def check_job(engine: type[Engine], config: Any, job: Job) -> None:
     """Refuse what ``engine`` cannot honour in ``job``: every feature it does not declare, then its own
-    checks. Admission's last step; the engine contract tests call it too."""
+    checks. What admission checks (on the calling thread: the engine contract tests use it)."""
+    refuse_undeclared_features(engine, job)
+    engine.check_job(config, job)
+
+
+def refuse_undeclared_features(engine: type[Engine], job: Job) -> None:
     for feature, param in job.features_used():
         if feature not in engine.features:
             raise UnsupportedParameter(param, engine.name, _FEATURE_DETAIL.get(feature, ""))
-    engine.check_job(config, job)
 
 
 _FEATURE_DETAIL = {

@@ -1,28 +1,30 @@
-"""ModelInstance: one loaded copy of a model, its worker thread, its state and its cached context.
+"""ModelInstance: one loaded copy of a model, where its engine runs, its state and its cached context.
+
+The engine runs in a host (core/hosts.py): a worker process of its own by default, so a crash in an
+engine's C code costs this instance only, or a thread of the daemon (``isolation: thread``). The instance
+does not care which: it sends jobs to the host and tracks what the pool needs to know.
 
 Concurrency rules:
-- Every engine call (load, generate, embed, close) runs on the instance's single worker thread, so an
-  engine object is never used by two threads and calls on one instance are serialised even if a
-  consumer gives up early.
+- The host runs one engine call at a time; the pool hands an instance to one request at a time.
 - State changes happen only through this class's methods, on the event loop thread.
-- A streaming call hands events to the event loop through an asyncio.Queue fed with
-  ``call_soon_threadsafe``; a consumer that stops (client gone, cancellation) sets the call's
-  ``threading.Event``, which the engine checks between tokens.
+- A consumer that stops reading a stream (client gone, cancellation) closes it, which cancels the
+  engine's call: it stops within one token, or its worker is killed after ``cancel_grace`` seconds and
+  the instance is marked failed (the pool replaces it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import itertools
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
 
 from lllmsd.core.clock import Clock
+from lllmsd.core.deadline import Deadline
+from lllmsd.core.hosts import EngineHost, ThreadHost
 from lllmsd.core.jobs import (
     EMPTY_CONTEXT,
     ChatJob,
@@ -31,6 +33,7 @@ from lllmsd.core.jobs import (
     EmbeddingJob,
     EmbeddingResult,
     GenerationEvent,
+    Job,
     Preload,
     TextDelta,
     ToolCallDelta,
@@ -39,11 +42,11 @@ from lllmsd.core.jobs import (
     Usage,
     context_after,
 )
-from lllmsd.engines.base import EmbeddingEngine, Engine, ModelFiles, TextEngine, TranscriptionEngine
-from lllmsd.errors import EngineError, LllmsdError
+from lllmsd.core.worker.process import WorkerProcess
+from lllmsd.engines.base import Engine, ModelFiles
+from lllmsd.errors import EngineError
 
 log = logging.getLogger(__name__)
-E = TypeVar("E", bound=Engine)
 
 
 class InstanceState(str, enum.Enum):
@@ -54,20 +57,24 @@ class InstanceState(str, enum.Enum):
     CLOSED = "closed"
 
 
-class _Done:
-    pass
+def engine_target(engine_class: type[Engine]) -> str | None:
+    """``module:Class`` for a class a fresh interpreter can import by name; None for one built at run
+    time (a test's subclass inside a function), which can only run on a thread."""
+    if "<locals>" in engine_class.__qualname__:
+        return None
+    return f"{engine_class.__module__}:{engine_class.__qualname__}"
 
 
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = _Done()
+def isolation_of(config: Any, engine_class: type[Engine]) -> str:
+    """Where a model's engine runs: the config's ``isolation``, else the engine's own default."""
+    wanted = getattr(config, "isolation", None) or engine_class.isolation
+    if wanted == "process" and engine_target(engine_class) is None:
+        return "thread"
+    return wanted
 
 
 class ModelInstance:
-    """One engine object for one model. The pool owns instances; handlers only use acquired ones."""
+    """One engine for one model. The pool owns instances; handlers only use acquired ones."""
 
     def __init__(
         self,
@@ -91,8 +98,13 @@ class ModelInstance:
         self.last_used = self.created_at
         self.requests_served = 0
         self.error: str | None = None
-        self._engine: Engine | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lllmsd-{instance_id}")
+        self.isolation = isolation_of(config, engine_class)
+        target = engine_target(engine_class)
+        self.host: EngineHost
+        if self.isolation == "process" and target is not None:
+            self.host = WorkerProcess(instance_id, target, cancel_grace=config.cancel_grace)
+        else:
+            self.host = ThreadHost(instance_id, engine_class)
 
     def __repr__(self) -> str:
         return f"<ModelInstance {self.id} {self.model_id} {self.state.value}>"
@@ -100,18 +112,11 @@ class ModelInstance:
     # ------------------------------------------------------------------------------------- lifecycle
 
     async def load(self, files: ModelFiles, preload: Preload | None) -> None:
-        """Construct the engine (and evaluate the preload) on the worker thread."""
-
-        def work() -> int:
-            engine = self._engine = self.engine_class(self.config, files)
-            if preload is not None and (preload.messages or preload.prefix) and isinstance(engine, TextEngine):
-                return int(engine.preload(preload))
-            return 0
-
+        """Build the engine in its host (and evaluate the preload)."""
         try:
-            cached = await self._in_worker(work)
+            cached = await self.host.load(self.config, files, preload)
         except BaseException as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
             self.state = InstanceState.ERROR
             raise
         if preload is not None and preload.messages:
@@ -122,19 +127,16 @@ class ModelInstance:
         self.state = InstanceState.IDLE
         self.last_used = self.clock.now()
 
-    async def dispose(self) -> None:
-        """Free the engine on its thread, then the thread. Safe to call in any state, more than once."""
+    async def dispose(self, grace: float | None = None) -> None:
+        """Free the engine (a worker that does not exit within ``grace`` seconds, default the model's
+        ``cancel_grace``, is killed). Safe to call in any state, more than once."""
         if self.state is InstanceState.CLOSED:
             return
         self.state = InstanceState.CLOSED
-        engine, self._engine = self._engine, None
         try:
-            if engine is not None:
-                await self._in_worker(engine.close)
+            await self.host.close(self.config.cancel_grace if grace is None else grace)
         except Exception:
-            log.exception("instance %s: engine close failed", self.id)
-        finally:
-            self._executor.shutdown(wait=False)
+            log.exception("instance %s: closing its engine failed", self.id)
 
     def reserve(self) -> None:
         assert self.state is InstanceState.IDLE, self.state
@@ -142,6 +144,8 @@ class ModelInstance:
 
     def release(self) -> None:
         """Back to IDLE after a request, unless the engine failed (ERROR) or it was disposed."""
+        if self.host.dead is not None:
+            self.mark_failed(EngineError(f"its worker process {self.host.dead}"))
         if self.state is InstanceState.BUSY:
             self.state = InstanceState.IDLE
         self.last_used = self.clock.now()
@@ -157,7 +161,7 @@ class ModelInstance:
         self.context = EMPTY_CONTEXT
 
     def mark_failed(self, exc: BaseException) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
+        self.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
         if self.state is not InstanceState.CLOSED:
             self.state = InstanceState.ERROR
 
@@ -165,13 +169,15 @@ class ModelInstance:
 
     async def generate(self, job: ChatJob | CompletionJob) -> AsyncIterator[GenerationEvent]:
         """Run chat or completion; yields events; updates the cached context when it completes."""
-        engine = self._loaded(TextEngine)
-        method = engine.chat if isinstance(job, ChatJob) else engine.complete
+        method = "chat" if isinstance(job, ChatJob) else "complete"
+        budget = self._budget()
+        # the engine ends generation itself at the deadline ("length"); the host steps in only if it cannot
+        job = replace(job, sampling=replace(job.sampling, deadline=budget.at))
         first_choice: list[str] = []
         tool_seen = False
         usage: Usage | None = None
         self.context = job.context()  # whatever happens next, the prompt was evaluated
-        async with contextlib.aclosing(self._stream(method, job)) as events:
+        async with contextlib.aclosing(self._stream(method, job, budget.later(self.config.cancel_grace))) as events:
             async for event in events:
                 if isinstance(event, TextDelta) and event.choice == 0:
                     first_choice.append(event.text)
@@ -186,75 +192,29 @@ class ModelInstance:
             self.context = context_after(job, "".join(first_choice))
 
     async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
-        return await self._in_worker(self._loaded(EmbeddingEngine).embed, job, engine_call=True)
+        try:
+            result: EmbeddingResult = await self.host.call("embed", job, self._budget())
+        except EngineError as exc:
+            self.mark_failed(exc)
+            raise
+        return result
 
     async def transcribe(self, job: TranscriptionJob) -> AsyncIterator[TranscriptionEvent]:
-        async with contextlib.aclosing(self._stream(self._loaded(TranscriptionEngine).transcribe, job)) as events:
+        async with contextlib.aclosing(self._stream("transcribe", job, self._budget())) as events:
             async for event in events:
                 yield event
 
-    def _loaded(self, capability: type[E]) -> E:
-        """The engine, as the capability a job needs (admission only sends jobs the engine serves)."""
-        engine = self._engine
-        if not isinstance(engine, capability):
-            raise EngineError(f"instance {self.id} has no loaded {capability.__name__}")
-        return engine
+    def _budget(self) -> Deadline:
+        return Deadline.after(self.config.request_seconds(), self.model_id)
 
-    async def _in_worker(self, fn: Callable[..., Any], *args: Any, engine_call: bool = False) -> Any:
-        loop = asyncio.get_running_loop()
+    async def _stream(self, method: str, job: Job, deadline: Deadline) -> AsyncIterator[Any]:
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except LllmsdError:
-            raise
-        except Exception as exc:
-            if not engine_call:
-                raise
+            async with contextlib.aclosing(self.host.stream(method, job, deadline)) as events:
+                async for event in events:
+                    yield event
+        except EngineError as exc:  # the engine failed or its worker died: this instance is replaced
             self.mark_failed(exc)
-            raise self._engine_error(exc) from exc
-
-    async def _stream(self, method: Callable[..., Iterator[Any]], job: Any) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                for event in method(job, cancel):
-                    if cancel.is_set():
-                        break
-                    put(event)
-            except BaseException as exc:
-                put(_Failed(exc))
-            else:
-                put(_DONE)
-
-        future = loop.run_in_executor(self._executor, work)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failed):
-                    if isinstance(item.exc, LllmsdError):
-                        raise item.exc
-                    self.mark_failed(item.exc)
-                    raise self._engine_error(item.exc) from item.exc
-                yield item
-        finally:
-            cancel.set()
-            # The worker stops within one token now. Waiting for it keeps one call at a time on the
-            # engine; the single-thread executor guarantees that even if this wait is itself cancelled.
-            await asyncio.shield(future)
-
-    def _engine_error(self, exc: BaseException) -> EngineError:
-        """What the client is told: the exception's type only. Its text can hold paths, prompts of other
-        requests or credentials an engine library put there, so it goes to the log (and GET /) only."""
-        log.error("instance %s: the engine failed", self.id, exc_info=exc)
-        return EngineError(f"the engine failed ({type(exc).__name__}); the daemon logged the details")
+            raise
 
     # ---------------------------------------------------------------------------------------- status
 
@@ -264,6 +224,7 @@ class ModelInstance:
             "id": self.id,
             "model": self.model_id,
             "state": self.state.value,
+            "isolation": self.isolation,
             "context_tokens": self.cached_tokens,
             "created": round(self.created_wall),
             "last_used": round(self.created_wall + (self.last_used - self.created_at)),
@@ -271,6 +232,7 @@ class ModelInstance:
             "idle_seconds": round(now - self.last_used, 3) if self.state is InstanceState.IDLE else 0,
             "requests_served": self.requests_served,
             "error": self.error,
+            "worker": self.host.memory(),
         }
 
 

@@ -18,6 +18,7 @@ Every text generator is a stream of events: a non-streaming response is the same
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -137,6 +138,12 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: dict[int, float] | None = None
+    # The request's time budget (max_request_seconds) as a time.monotonic() value, the same clock in every
+    # process of the machine: once it passes, generation ends as if max_tokens were reached ("length").
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 FilesProvider = Callable[[], Awaitable[ModelFiles]]
 MAX_LOAD_BACKOFF = 60.0
+DISPOSE_FLOOR = 0.5  # seconds an idle worker gets to exit by itself when the grace is spent
 _LIVE = (InstanceState.LOADING, InstanceState.IDLE, InstanceState.BUSY)
 
 
@@ -86,6 +87,7 @@ class ModelPool:
         self.instances: list[ModelInstance] = []
         self._waiters: deque[_Waiter] = deque()
         self._background: set[asyncio.Task[Any]] = set()
+        self._disposals: set[asyncio.Task[Any]] = set()  # the background tasks that dispose instances
         self._closing = False
         self._load_failures = 0  # consecutive; reset by a successful load
         self._retry_at = 0.0  # no min-instance refill before this time after failures
@@ -154,6 +156,8 @@ class ModelPool:
     async def close(self, grace: float) -> None:
         """Stop taking requests, let running ones finish for up to ``grace`` seconds, dispose everything."""
         self._closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         self._fail_waiters(ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests"))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._until_not_busy(), grace)
@@ -161,10 +165,13 @@ class ModelPool:
             await self.batcher.close()
         self._limiter.unsubscribe(self)
         for task in list(self._background):
-            task.cancel()
+            if task not in self._disposals:  # loads stop now; a disposal finishes (it kills what hangs)
+                task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         instances, self.instances = self.instances, []
-        await asyncio.gather(*(i.dispose() for i in instances), return_exceptions=True)
+        # what is left of the grace (a moment at least, for an idle worker to exit on its own), then kill
+        left = max(end - loop.time(), DISPOSE_FLOOR)
+        await asyncio.gather(*(i.dispose(left) for i in instances), return_exceptions=True)
 
     @property
     def waiting(self) -> int:
@@ -362,7 +369,7 @@ class ModelPool:
 
     def _discard(self, instance: ModelInstance) -> None:
         self._forget(instance)
-        self._in_background(instance.dispose())
+        self._disposals.add(self._in_background(instance.dispose()))
 
     def _forget(self, instance: ModelInstance) -> None:
         with contextlib.suppress(ValueError):
@@ -380,10 +387,12 @@ class ModelPool:
             if not waiter.future.done():
                 waiter.future.set_exception(error)
 
-    def _in_background(self, coro: Awaitable[Any]) -> None:
+    def _in_background(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._disposals.discard)
+        return task
 
     async def _until_not_busy(self) -> None:
         while any(i.state is InstanceState.BUSY for i in self.instances):

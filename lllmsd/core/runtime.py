@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL = 1.0
 # Settings a running daemon cannot change (the socket, the shared limiter, the store, the app's body
 # limit): a reload keeps the running values and says a restart is needed.
-RESTART_ONLY = ("listen", "concurrency", "cache_dir", "max_body_size", "client_timeout")
+RESTART_ONLY = ("listen", "concurrency", "cache_dir", "max_body_size", "client_timeout", "max_connections")
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,9 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ access
 
-    def admit(self, model_id: str, kind: JobKind, build: Callable[[Any], J]) -> Admission[J]:
+    async def admit(self, model_id: str, kind: JobKind, build: Callable[[Any], J]) -> Admission[J]:
         """The one way a request reaches a model: see core/admission.py."""
-        return admit(self.pools, model_id, kind, build)
+        return await admit(self.pools, model_id, kind, build)
 
     def status(self) -> dict[str, Any]:
         models = {}

@@ -10,9 +10,11 @@ What an engine can do is declared once, on its class, and everything else reads 
   that uses any other feature with a 400 naming the request parameter, before the request queues;
   ``GET /`` lists the declaration; the contract tests test each declared feature and the refusal of
   every other one.
+- ``isolation``: where its instances run by default, a worker process or a daemon thread.
 - ``config_problems``: what only this engine can judge about a model's options, at config load.
 - ``check_job``: what only this engine can judge about one job (a grammar that does not compile, a
-  language it does not know). It runs on the event loop before the request queues: cheap, no weights.
+  language it does not know). It runs before the request queues: no weights, and cheap, or else
+  ``heavy_check`` says so for that job and admission runs it off the event loop.
 
 Threading rule: every method of one engine object, the constructor included, is called from that
 instance's own worker thread, one call at a time. An engine therefore needs no locks of its own; it must
@@ -63,6 +65,9 @@ class Engine:
     name: ClassVar[str]
     serves: ClassVar[frozenset[JobKind]] = frozenset()
     features: ClassVar[frozenset[Feature]] = frozenset()
+    # where instances run unless the model's config says otherwise: "process" (a worker process of
+    # their own: a crash in the engine's C code costs that instance only) or "thread" (in the daemon)
+    isolation: ClassVar[str] = "process"
 
     def __init__(self, config: Any, files: ModelFiles) -> None:
         self.config = config
@@ -83,6 +88,12 @@ class Engine:
     def check_job(cls, config: ModelBase, job: Job) -> None:
         """Raise UnsupportedParameter / InvalidRequest for what this engine cannot honour beyond its
         declared features. Called on the event loop before the request queues: cheap, no weights."""
+
+    @classmethod
+    def heavy_check(cls, config: ModelBase, job: Job) -> bool:
+        """Whether ``check_job`` may take long enough for this job (milliseconds: converting a large JSON
+        Schema into a grammar) that admission should run it in a thread, off the event loop."""
+        return False
 
     def close(self) -> None:
         """Free the weights. Called once, on the worker thread."""

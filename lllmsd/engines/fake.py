@@ -84,6 +84,7 @@ class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine):
     name = "fake"
     serves = frozenset(JobKind)
     features = frozenset(Feature) - {Feature.GRAMMAR, Feature.JSON_OUTPUT, Feature.ECHO_LOGPROBS}
+    isolation = "thread"  # a test double, often subclassed inside a test: ``isolation: process`` to crash-test
 
     def __init__(self, config: FakeModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
@@ -187,7 +188,7 @@ class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine):
             text = ""
             finish = "stop"
             for position, word in enumerate(answer):
-                if position >= max_tokens or len(prompt) + len(emitted) >= self.context_size:
+                if position >= max_tokens or len(prompt) + len(emitted) >= self.context_size or sampling.out_of_time():
                     finish = "length"
                     break
                 if cancel.is_set():

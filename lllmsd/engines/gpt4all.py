@@ -93,6 +93,7 @@ class _CallState:
     """Written by the response callback (on the generating thread), read after the call returns."""
 
     cancelled: bool = False
+    out_of_time: bool = False
     error: str | None = None
 
 
@@ -393,6 +394,9 @@ class Gpt4AllEngine(TextEngine):
                 if should_stop():
                     state.cancelled = True
                     return False
+                if sampling.out_of_time():
+                    state.out_of_time = True  # the request's time budget is spent: it ends as "length"
+                    return False
             except BaseException as exc:  # an exception must not cross the C boundary
                 state.error = f"{type(exc).__name__}: {exc}"
                 return False
@@ -412,7 +416,7 @@ class Gpt4AllEngine(TextEngine):
         self._ctx.n_past = start + kept
         if stream.stopped:
             finish = "stop"
-        elif len(ends) >= limit or int(self._ctx.n_past) + 1 >= self.context_size:
+        elif state.out_of_time or len(ends) >= limit or int(self._ctx.n_past) + 1 >= self.context_size:
             finish = "length"  # max_tokens, or the context is full (gpt4all stops a token short of it)
         else:
             finish = "stop"

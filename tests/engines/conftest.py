@@ -15,6 +15,7 @@ import pytest
 
 from lllmsd.config import parse_config
 from lllmsd.core.clock import SystemClock
+from lllmsd.core.hosts import ThreadHost
 from lllmsd.core.instance import ModelInstance
 from lllmsd.core.store import ModelStore
 from lllmsd.engines.registry import builtin_engines
@@ -27,15 +28,24 @@ def model_config(model: dict[str, Any]) -> Any:
     return parse_config({"models": {"m": model}}).models["m"]
 
 
-async def load_instance(model: dict[str, Any]) -> ModelInstance:
-    """Load one instance of a model config (a dict as in the YAML) the way the pool does."""
-    config = model_config(model)
+async def load_instance(model: dict[str, Any], *, isolation: str | None = None) -> ModelInstance:
+    """Load one instance of a model config (a dict as in the YAML) the way the pool does: in a worker
+    process, as the daemon runs real engines, unless ``isolation="thread"`` (tests that drive the engine
+    object itself: ``engine_of``)."""
+    config = model_config({**model, "isolation": isolation} if isolation else model)
     engine_class = await asyncio.to_thread(builtin_engines()[config.engine].class_for, config.task)
     files = await ModelStore(cache_dir=model_path("smollm2").parent).files("m", config)
     instance = ModelInstance("m", config, engine_class, SystemClock(), instance_id="m-1")
     preload = config.preload.to_preload() if config.preload else None
     await instance.load(files, preload)
     return instance
+
+
+def engine_of(instance: ModelInstance) -> Any:
+    """The engine object of a thread-isolated instance (``load_instance(..., isolation="thread")``)."""
+    host = instance.host
+    assert isinstance(host, ThreadHost), "the engine object lives in a worker process: load with isolation='thread'"
+    return host.engine
 
 
 # Engine name -> a function giving the model dict (as in YAML) the text contract suite runs on.

@@ -32,7 +32,7 @@ from lllmsd.core.jobs import (
 from lllmsd.engines.gpt4all import Gpt4AllEngine
 from lllmsd.engines.gpt4all_templates import CHATML, LLAMA3, detect_format, format_from_config, read_gguf_info
 from lllmsd.errors import ContextLengthExceeded, ModelUnavailable, UnsupportedParameter
-from tests.engines.conftest import load_instance, model_config
+from tests.engines.conftest import engine_of, load_instance, model_config
 from tests.setup_models import model_path
 
 pytestmark = pytest.mark.engines
@@ -56,7 +56,7 @@ def gpt4all_model(**options: Any) -> dict[str, Any]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def instance() -> AsyncIterator[ModelInstance]:
-    loaded = await load_instance(gpt4all_model())
+    loaded = await load_instance(gpt4all_model(), isolation="thread")
     yield loaded
     await loaded.dispose()
 
@@ -199,7 +199,9 @@ async def test_a_conversation_that_does_not_extend_the_session_resets_it(instanc
 @on_model
 async def test_preload_is_cached_for_conversations_that_start_with_it() -> None:
     system = ChatMessage("system", "You are a helpful geography teacher.")
-    loaded = await load_instance(gpt4all_model(preload={"messages": [{"role": "system", "content": system.content}]}))
+    loaded = await load_instance(
+        gpt4all_model(preload={"messages": [{"role": "system", "content": system.content}]}), isolation="thread"
+    )
     try:
         # <|im_start|>system\nYou are a helpful geography teacher.<|im_end|>\n is 12 SmolLM2 tokens
         assert loaded.cached_tokens == 12
@@ -215,7 +217,7 @@ async def test_preload_is_cached_for_conversations_that_start_with_it() -> None:
 
 @on_model
 async def test_cancel_stops_within_one_token(instance: ModelInstance) -> None:
-    engine = instance._engine
+    engine = engine_of(instance)
     job = chat(
         ChatMessage("user", "Write a long story about a dragon."), sampling=Sampling(temperature=0, max_tokens=200)
     )
@@ -228,7 +230,7 @@ async def test_cancel_stops_within_one_token(instance: ModelInstance) -> None:
             cancel.set()  # at the first token
         return seen
 
-    seen = await instance._in_worker(consume)
+    seen = await instance.host.run(consume)
     # the engine hands out one token at a time: cancel set while handling the first stops the second
     assert len(seen) == 1
     assert isinstance(seen[0], TextDelta)
@@ -238,10 +240,10 @@ async def test_cancel_stops_within_one_token(instance: ModelInstance) -> None:
 
 @on_model
 async def test_cancel_during_prompt_evaluation_ends_quietly(instance: ModelInstance) -> None:
-    engine = instance._engine
+    engine = engine_of(instance)
     cancel = threading.Event()
     cancel.set()
-    seen = await instance._in_worker(lambda: list(engine.chat(chat(FRANCE), cancel)))
+    seen = await instance.host.run(lambda: list(engine.chat(chat(FRANCE), cancel)))
     assert seen == []
     # the half-evaluated prompt is not mistaken for a cache
     result = await run(instance, chat(FRANCE))
@@ -336,7 +338,7 @@ async def test_chat_format_is_derived_from_the_gguf(instance: ModelInstance) -> 
     assert info.chat_template is not None
     assert "<|im_start|>" in info.chat_template
     assert detect_format(info.chat_template) is CHATML
-    assert instance._engine.format is CHATML
+    assert engine_of(instance).format is CHATML
 
 
 def test_llama3_template_is_recognised() -> None:

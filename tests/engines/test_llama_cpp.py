@@ -31,7 +31,7 @@ from lllmsd.core.jobs import (
 from lllmsd.engines.llama_cpp.model import tokenize
 from lllmsd.engines.llama_cpp.threads import default_batch_threads, default_threads
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
-from tests.engines.conftest import load_instance
+from tests.engines.conftest import engine_of, load_instance
 from tests.setup_models import model_path
 
 pytestmark = [pytest.mark.engines, pytest.mark.asyncio(loop_scope="module")]
@@ -72,7 +72,7 @@ def smollm2(**extra: Any) -> dict[str, Any]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def smol() -> AsyncIterator[ModelInstance]:
     grammars = {"yesno": 'root ::= "yes" | "no"', "person": json.dumps(PERSON)}
-    instance = await load_instance(smollm2(grammars=grammars))
+    instance = await load_instance(smollm2(grammars=grammars), isolation="thread")
     try:
         yield instance
     finally:
@@ -170,7 +170,7 @@ async def test_presence_penalty_changes_the_answer(smol: ModelInstance) -> None:
 async def test_logit_bias_bans_a_token(smol: ModelInstance) -> None:
     free = await complete(smol, "1, 2, 3,", Sampling(temperature=0, max_tokens=6), logprobs=0)
     first = free.choices[0].logprobs[0].token
-    ids = tokenize(smol._engine._llama, first, add_bos=False)
+    ids = tokenize(engine_of(smol)._llama, first, add_bos=False)
     assert len(ids) == 1
     banned = await complete(
         smol, "1, 2, 3,", Sampling(temperature=0, max_tokens=6, logit_bias={ids[0]: -100}), logprobs=0
@@ -392,7 +392,9 @@ async def test_follow_up_turns_reuse_the_cache(smol: ModelInstance) -> None:
 
 async def test_preload_fills_the_cache() -> None:
     system = "You are a pirate. Answer every question like a pirate would, with many pirate words."
-    instance = await load_instance(smollm2(preload={"messages": [{"role": "system", "content": system}]}))
+    instance = await load_instance(
+        smollm2(preload={"messages": [{"role": "system", "content": system}]}), isolation="thread"
+    )
     try:
         preloaded = instance.cached_tokens
         assert preloaded > 10
@@ -419,15 +421,17 @@ async def test_default_threads_divide_the_cores_between_instances() -> None:
 
 async def test_threads_come_from_the_device_or_the_instance_count() -> None:
     shared = {k: v for k, v in smollm2(max_instances=2).items() if k != "device"}
-    instance = await load_instance(shared)
+    instance = await load_instance(shared, isolation="thread")
     try:
-        llama = instance._engine._llama
+        llama = engine_of(instance)._llama
         assert (llama.n_threads, llama.n_threads_batch) == (default_threads(2), default_batch_threads(2))
     finally:
         await instance.dispose()
-    instance = await load_instance(smollm2(max_instances=2, device={"threads": 3, "batch_threads": 2}))
+    instance = await load_instance(
+        smollm2(max_instances=2, device={"threads": 3, "batch_threads": 2}), isolation="thread"
+    )
     try:
-        llama = instance._engine._llama
+        llama = engine_of(instance)._llama
         assert (llama.n_threads, llama.n_threads_batch) == (3, 2)
     finally:
         await instance.dispose()
@@ -437,8 +441,8 @@ async def test_threads_come_from_the_device_or_the_instance_count() -> None:
 
 
 async def test_small_context_limits() -> None:
-    instance = await load_instance(smollm2(context_size=256))
-    size = instance._engine.context_size  # llama.cpp pads the context to a multiple of 256
+    instance = await load_instance(smollm2(context_size=256), isolation="thread")
+    size = engine_of(instance).context_size  # llama.cpp pads the context to a multiple of 256
     assert size == 256
     try:
         # a prompt a few tokens short of the context: the answer runs into the context's end
@@ -456,7 +460,7 @@ async def test_small_context_limits() -> None:
 
 async def test_chat_format_override(smol: ModelInstance) -> None:
     own = await chat(smol, "Hi", Sampling(max_tokens=2))
-    instance = await load_instance(smollm2(chat_format="chatml"))
+    instance = await load_instance(smollm2(chat_format="chatml"), isolation="thread")
     try:
         _, result = await run(instance, ChatJob((ChatMessage("user", "Hi"),), Sampling(max_tokens=2)))
     finally:
@@ -468,7 +472,7 @@ async def test_chat_format_override(smol: ModelInstance) -> None:
 async def test_usage_prompt_tokens_match_the_rendered_prompt(smol: ModelInstance) -> None:
     messages = (ChatMessage("user", "Count the tokens of this message."),)
     result = await chat(smol, messages[0].content or "", Sampling(max_tokens=2))
-    tokens, _ = smol._engine._prompt.render(messages, (), open_turn=True)
+    tokens, _ = engine_of(smol)._prompt.render(messages, (), open_turn=True)
     assert result.usage.prompt_tokens == len(tokens)
 
 
@@ -477,7 +481,7 @@ async def test_usage_prompt_tokens_match_the_rendered_prompt(smol: ModelInstance
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def embedder() -> AsyncIterator[ModelInstance]:
-    instance = await load_instance(smollm2(task="embedding"))
+    instance = await load_instance(smollm2(task="embedding"), isolation="thread")
     try:
         yield instance
     finally:
@@ -486,7 +490,7 @@ async def embedder() -> AsyncIterator[ModelInstance]:
 
 async def test_embeddings(embedder: ModelInstance) -> None:
     texts = ("The cat sat on the mat.", "A cat was sitting on the mat.", "Quantum chromodynamics describes quarks.")
-    ids = tuple(tokenize(embedder._engine._llama, texts[0]))
+    ids = tuple(tokenize(engine_of(embedder)._llama, texts[0]))
     result = await embedder.embed(EmbeddingJob((*texts, ids)))
     assert len(result.vectors) == 4
     assert all(len(v) == 576 for v in result.vectors)

@@ -40,7 +40,7 @@ from lllmsd.core.jobs import (
 from lllmsd.engines.base import Engine
 from lllmsd.engines.registry import builtin_engines
 from lllmsd.errors import ContextLengthExceeded, UnsupportedParameter
-from tests.engines.conftest import TEXT_MODELS, load_instance, model_config
+from tests.engines.conftest import TEXT_MODELS, engine_of, load_instance, model_config
 
 pytestmark = [pytest.mark.engines, pytest.mark.asyncio(loop_scope="module")]
 
@@ -244,9 +244,10 @@ async def test_consumer_leaving_stops_the_stream(subject: Subject) -> None:
 
 
 async def test_engine_stops_within_one_token_of_cancel(subject: Subject) -> None:
-    """On the worker thread, the engine's own iterator ends at most one event after cancel is set."""
+    """On the engine's own thread, its iterator ends at most one event after cancel is set."""
     job = ChatJob(user(STORY), Sampling(max_tokens=100))
-    engine = subject.instance._engine
+    instance = await load_instance(TEXT_MODELS[subject.engine](), isolation="thread")
+    engine = engine_of(instance)
 
     def drive() -> list[GenerationEvent]:
         cancel = threading.Event()
@@ -257,7 +258,10 @@ async def test_engine_stops_within_one_token_of_cancel(subject: Subject) -> None
             cancel.set()
         return after_cancel
 
-    after = await subject.instance._in_worker(drive)
+    try:
+        after = await instance.host.run(drive)
+    finally:
+        await instance.dispose()
     assert len(after) <= 1
     assert not any(isinstance(e, Usage | ChoiceEnd) for e in after)
 

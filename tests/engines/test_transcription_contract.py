@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
+import json
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 
+from lllmsd.config import ConfigError, parse_config
 from lllmsd.core.admission import check_job
 from lllmsd.core.instance import InstanceState, ModelInstance
 from lllmsd.core.jobs import TranscriptInfo, TranscriptionJob, TranscriptSegment
+from lllmsd.engines import faster_whisper
+from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.faster_whisper import FasterWhisperEngine
 from lllmsd.errors import InvalidRequest
-from tests.engines.conftest import load_instance, model_config
+from tests.engines.conftest import engine_of, load_instance, model_config
 from tests.setup_models import model_path
-from tests.speech import Speech, hears_fox, long_speech, make_speech
+from tests.speech import LONG_TEXT, Speech, hears_fox, long_speech, make_speech
 
 MODELS = {"tiny.en": "whisper-tiny-en", "base": "whisper-base"}
 
@@ -37,7 +46,7 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Speech:
 
 @pytest.fixture(scope="module")
 def instances() -> Iterator[dict[str, ModelInstance]]:
-    loaded = {label: asyncio.run(load_instance(whisper(name))) for label, name in MODELS.items()}
+    loaded = {label: asyncio.run(load_instance(whisper(name), isolation="thread")) for label, name in MODELS.items()}
     yield loaded
     for instance in loaded.values():
         asyncio.run(instance.dispose())
@@ -182,7 +191,7 @@ async def test_closing_the_stream_stops_decoding_and_frees_the_instance(
 ) -> None:
     tiny = instances["tiny.en"]
     audio = long_speech(tmp_path).read_bytes()  # ~90 s: three 30 s windows at least
-    engine = tiny._engine
+    engine = engine_of(tiny)
     produced: list[Any] = []
     seen_cancel: list[threading.Event] = []
     original = type(engine).transcribe
@@ -213,3 +222,217 @@ async def test_closing_the_stream_stops_decoding_and_frees_the_instance(
     assert tiny.state is InstanceState.IDLE
     _, again = await transcribe(tiny, audio[: len(audio) // 8])
     assert again
+
+
+# ---------------------------------------------------------------------------- long audio: the limit
+
+
+HOUR = 3600
+LIMIT = 1800  # max_audio_seconds of the limited model below: half the hour
+
+
+@pytest.fixture(scope="module")
+def silent_hour(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An hour of silence as FLAC: about 190 KB that decode to 3600 s (the issue's 96 KB file holds as much)."""
+    path = tmp_path_factory.mktemp("long") / "silence.flac"
+    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", str(path), "trim", "0", str(HOUR)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def undeclared_hour(silent_hour: Path) -> Path:
+    """The same hour with FLAC's "total samples" zeroed (what a streaming encoder writes): the container
+    declares no duration, so only decoding can tell how long it is."""
+    data = bytearray(silent_hour.read_bytes())
+    assert data[:4] == b"fLaC"
+    # STREAMINFO starts at byte 8; its 36-bit sample count is the low nibble of byte 21 and bytes 22-25
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    path = silent_hour.with_name("undeclared.flac")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def declared_duration(path: Path) -> float | None:
+    with av.open(str(path)) as container:
+        return faster_whisper.declared_seconds(container)
+
+
+@pytest.fixture(scope="module")
+def limited_engine() -> Iterator[FasterWhisperEngine]:
+    """tiny.en with max_audio_seconds: 1800 and greedy decoding, called directly on the test's thread (so
+    the tests can watch what it decodes)."""
+    config = model_config(whisper("whisper-tiny-en", max_audio_seconds=LIMIT, beam_size=1))
+    engine = FasterWhisperEngine(config, ModelFiles(model_path("whisper-tiny-en")))
+    yield engine
+    engine.close()
+
+
+def run_engine(engine: FasterWhisperEngine, audio: bytes, **fields: Any) -> list[Any]:
+    return list(engine.transcribe(TranscriptionJob(audio=audio, **fields), threading.Event()))
+
+
+def test_max_audio_seconds_is_a_speech_to_text_option() -> None:
+    assert model_config(whisper("whisper-tiny-en")).max_audio_seconds == 7200  # two hours by default
+    with pytest.raises(ConfigError, match=r"max_audio_seconds.*only speech-to-text models"):
+        parse_config({"models": {"chat": {"task": "text-completion", "engine": "fake", "max_audio_seconds": 60}}})
+
+
+async def test_audio_over_max_audio_seconds_is_refused_from_its_declared_duration(silent_hour: Path) -> None:
+    assert declared_duration(silent_hour) == HOUR
+    audio = await asyncio.to_thread(silent_hour.read_bytes)
+    limited = await load_instance(whisper("whisper-tiny-en", max_audio_seconds=LIMIT))
+    try:
+        # through an instance, as a request is: a 400 on "file", and the instance serves on
+        await assert_refused(
+            limited,
+            audio,
+            "file",
+            "silence.flac",
+            f"{LIMIT}-second",
+            "max_audio_seconds",
+            filename="silence.flac",
+        )
+    finally:
+        await limited.dispose()
+
+
+def test_audio_over_max_audio_seconds_is_refused_while_decoding(
+    limited_engine: FasterWhisperEngine, undeclared_hour: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a declared duration, decoding stops as soon as the audio passes the limit: the second
+    half of the hour is never decoded, and nothing is transcribed."""
+    assert declared_duration(undeclared_hour) is None
+    decoded = [0.0]
+    frames = faster_whisper.audio_frames
+
+    def counting(container: Any) -> Iterator[Any]:
+        for frame in frames(container):
+            decoded[0] += frame.samples / frame.sample_rate
+            yield frame
+
+    monkeypatch.setattr(faster_whisper, "audio_frames", counting)
+    monkeypatch.setattr(limited_engine.model, "transcribe", lambda *a, **k: pytest.fail("transcribed"))
+    with pytest.raises(InvalidRequest) as caught:
+        run_engine(limited_engine, undeclared_hour.read_bytes(), filename="undeclared.flac")
+    assert caught.value.param == "file"
+    assert "max_audio_seconds" in caught.value.message
+    assert "undeclared.flac" in caught.value.message
+    print(f"decoded {decoded[0]:.1f} s of the hour before refusing")
+    assert LIMIT < decoded[0] < LIMIT + 1  # one FLAC frame past the limit, not the hour
+
+
+# -------------------------------------------------------------------------- long audio: the memory
+
+# Run in a fresh interpreter so that nothing else this session loaded or decoded counts. The peak is
+# VmHWM, the high-water mark of the process's own memory: on Linux ru_maxrss would start from the
+# parent's size at exec (pytest's, with its loaded models), and hide a smaller rise.
+RSS_SCRIPT = """
+import json, resource, sys, threading
+from pathlib import Path
+from lllmsd.config import parse_config
+from lllmsd.core.jobs import TranscriptionJob
+from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.faster_whisper import FasterWhisperEngine
+
+def peaks():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+
+folder, audio = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+model = {"task": "speech-to-text", "engine": "faster-whisper", "location": str(folder)}
+engine = FasterWhisperEngine(parse_config({"models": {"m": model}}).models["m"], ModelFiles(folder))
+loaded = peaks()
+events = list(engine.transcribe(TranscriptionJob(audio=audio, filename="silence.flac"), threading.Event()))
+done = peaks()
+print(json.dumps({"loaded_kib": loaded[0], "rise_kib": done[0] - loaded[0], "maxrss_kib": [loaded[1], done[1]],
+                  "duration": events[0].duration, "segments": [[e.id, e.start, e.end] for e in events[1:]]}))
+"""
+
+
+def test_an_hour_of_silence_is_transcribed_in_bounded_memory(silent_hour: Path) -> None:
+    """faster-whisper on the whole hour at once raised peak RSS by 3.3 GB; windows keep it to one window."""
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(model_path("whisper-tiny-en")), str(silent_hour)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rise = result["rise_kib"] / 1024
+    loaded = result["loaded_kib"] / 1024
+    maxrss = [kib / 1024 for kib in result["maxrss_kib"]]
+    print(
+        f"peak RSS rose by {rise:.0f} MiB transcribing an hour (peak after loading {loaded:.0f} MiB; "
+        f"ru_maxrss {maxrss[0]:.0f} -> {maxrss[1]:.0f} MiB)"
+    )
+    assert rise < 1024
+    assert result["duration"] == pytest.approx(HOUR, abs=0.1)
+    segments = result["segments"]
+    assert [s[0] for s in segments] == list(range(len(segments)))
+    times = [0.0] + [t for s in segments for t in s[1:]]
+    assert times == sorted(times)
+    assert times[-1] <= HOUR
+
+
+# --------------------------------------------------------------------- long audio: across windows
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def test_speech_is_heard_whole_across_a_window_boundary(
+    limited_engine: FasterWhisperEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 30 s windows, ~84 s of speech takes two or three windows: the transcript is the one a single
+    window gives (nothing lost or repeated at the cut), with ids, seek and timestamps running on."""
+    audio = long_speech(tmp_path).read_bytes()
+    whole = run_engine(limited_engine, audio, word_timestamps=True)  # one window: the file is under 330 s
+    calls: list[dict[str, Any]] = []
+    transcribe = limited_engine.model.transcribe
+
+    def watching(samples: Any, **options: Any) -> Any:
+        calls.append({"seconds": samples.size / faster_whisper.SAMPLE_RATE, **options})
+        return transcribe(samples, **options)
+
+    monkeypatch.setattr(limited_engine.model, "transcribe", watching)
+    monkeypatch.setattr(faster_whisper, "WINDOW_SECONDS", 30)
+    events = run_engine(limited_engine, audio, word_timestamps=True)
+
+    assert len(calls) >= 2, calls
+    assert calls[0]["seconds"] == 30
+    assert calls[0]["language"] is None
+    assert calls[0]["initial_prompt"] is None
+    for later in calls[1:]:
+        assert later["language"] == "en"  # found on the first window, not detected again
+        assert isinstance(later["initial_prompt"], list)
+        assert later["initial_prompt"]  # the text so far, as tokens
+    info, segments = events[0], events[1:]
+    assert isinstance(info, TranscriptInfo)
+    assert info.duration == whole[0].duration
+    assert [s.id for s in segments] == list(range(len(segments)))
+    assert [s.seek for s in segments] == sorted(s.seek for s in segments)
+    assert max(s.seek for s in segments) > 30 * 100  # segments of the later windows, moved to their place
+    previous = 0.0
+    for segment in segments:
+        assert previous <= segment.start <= segment.end <= info.duration
+        previous = segment.end
+    times = [t for s in segments for w in s.words for t in (w.start, w.end)]
+    assert times == sorted(times)
+    assert segments[-1].end > info.duration - 10
+    windowed, single, spoken = words_of(text_of(segments)), words_of(text_of(whole[1:])), words_of(LONG_TEXT)
+
+    def similarity(a: list[str], b: list[str]) -> float:
+        return difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio()
+
+    print(
+        f"{len(calls)} windows; {len(windowed)} words against {len(single)} in one window, similarity "
+        f"{similarity(single, windowed):.3f}; to the text spoken: {similarity(spoken, windowed):.3f} "
+        f"(one window: {similarity(spoken, single):.3f})"
+    )
+    assert similarity(single, windowed) > 0.9, (text_of(segments), text_of(whole[1:]))
+    assert abs(len(windowed) - len(single)) <= 5  # nothing lost or said twice at the cut
+    assert similarity(spoken, windowed) > similarity(spoken, single) - 0.05

@@ -269,6 +269,14 @@ class Health(_Body):
     status: Literal["ok"]
 
 
+class WorkerStatus(_Body):
+    pid: int
+    rss_bytes: int | None = Field(None, description="Resident memory of the worker process.")
+    pss_bytes: int | None = Field(
+        None, description="Proportional memory: pages shared with other workers (mmapped weights) split between them."
+    )
+
+
 class InstanceStatus(_Body):
     id: str
     model: str
@@ -280,6 +288,8 @@ class InstanceStatus(_Body):
     idle_seconds: float
     requests_served: int
     error: str | None
+    isolation: Literal["process", "thread"] = Field(description="Where the engine runs.")
+    worker: WorkerStatus | None = Field(description="The worker process (isolation: process), while it lives.")
 
 
 class PoolStatus(_Body):

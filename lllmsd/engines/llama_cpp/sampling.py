@@ -119,6 +119,8 @@ class Decoder:
             for position in range(self._budget(plan, prompt)):
                 if cancel.is_set():
                     return
+                if plan.sampling.out_of_time():
+                    break  # the request's time budget is spent: it ends like max_tokens ("length")
                 if position:
                     self._llama.eval([token])  # only now: a token nobody asks to continue stays unevaluated
                 token = sampler.sample(self._llama._ctx, -1)

@@ -1,0 +1,164 @@
+"""A model's worker process: one engine object, driven by the daemon over the protocol in protocol.py.
+
+Started by the daemon (``python -m lllmsd.core.worker FD``, a fresh interpreter: never a fork of the
+daemon and its threads) with its end of a socketpair as FD and stdout/stderr piped to the daemon, which
+logs every line with the instance's id. Whatever the engine's C code does (a segfault in a grammar
+parser, an abort, the OOM killer), only this process dies.
+
+Threads: the main thread loads the engine and runs one call at a time; a reader thread receives the
+daemon's messages, queues calls for the main thread and sets the running call's cancel event when a
+Cancel arrives. Only the main thread sends, so frames never interleave. The worker exits when the daemon
+closes its end, and dies with the daemon (PR_SET_PDEATHSIG) if the daemon is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lllmsd.core.worker.protocol import (
+    BlockingChannel,
+    Call,
+    Cancel,
+    ChannelClosed,
+    Emitted,
+    EngineFailure,
+    Finished,
+    Load,
+    Loaded,
+    Raised,
+    Returned,
+)
+from lllmsd.engines.base import ModelFiles, TextEngine
+from lllmsd.errors import LllmsdError
+
+log = logging.getLogger("lllmsd.worker")
+
+STREAMING = frozenset({"chat", "complete", "transcribe"})
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+        self.engine: Any = None
+        self.calls: queue.Queue[Call | None] = queue.Queue()
+        self.cancels: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()  # guards cancels, shared by the reader and the main thread
+
+    def serve(self) -> None:
+        self._load(self._first_message())
+        threading.Thread(target=self._read, name="lllmsd-worker-reader", daemon=True).start()
+        while (call := self.calls.get()) is not None:
+            self._run(call)
+        self._close_engine()
+
+    def _first_message(self) -> Load:
+        message = self.channel.receive()
+        if not isinstance(message, Load):
+            raise ChannelClosed(f"expected Load, got {type(message).__name__}")
+        return message
+
+    def _load(self, load: Load) -> None:
+        try:
+            module_name, _, class_name = load.engine.partition(":")
+            engine_class = getattr(importlib.import_module(module_name), class_name)
+            files = ModelFiles(Path(load.path) if load.path is not None else None)
+            self.engine = engine_class(load.config, files)
+            cached = 0
+            preload = load.preload
+            if preload is not None and (preload.messages or preload.prefix) and isinstance(self.engine, TextEngine):
+                cached = int(self.engine.preload(preload))
+        except BaseException as exc:
+            self.channel.send(Raised(0, _reportable(exc)))
+            raise SystemExit(1) from None
+        self.channel.send(Loaded(cached, os.getpid()))
+
+    def _read(self) -> None:
+        """The reader thread: calls go to the main thread, cancels set the running call's event."""
+        try:
+            while True:
+                message = self.channel.receive()
+                if isinstance(message, Call):
+                    with self.lock:
+                        self.cancels[message.call_id] = threading.Event()
+                    self.calls.put(message)
+                elif isinstance(message, Cancel):
+                    with self.lock:
+                        event = self.cancels.get(message.call_id)
+                    if event is not None:
+                        event.set()
+        except ChannelClosed:
+            pass
+        # the daemon is gone or done with us: stop the running call, then the main loop
+        with self.lock:
+            for event in self.cancels.values():
+                event.set()
+        self.calls.put(None)
+
+    def _run(self, call: Call) -> None:
+        with self.lock:
+            cancel = self.cancels[call.call_id]
+        try:
+            method = getattr(self.engine, call.method)
+            if call.method in STREAMING:
+                events: Iterator[Any] = method(call.job, cancel)
+                for event in events:
+                    if cancel.is_set():
+                        break
+                    self.channel.send(Emitted(call.call_id, event))
+                self.channel.send(Finished(call.call_id))
+            else:
+                self.channel.send(Returned(call.call_id, method(call.job)))
+        except ChannelClosed:
+            raise
+        except BaseException as exc:
+            self.channel.send(Raised(call.call_id, _reportable(exc)))
+        finally:
+            with self.lock:
+                self.cancels.pop(call.call_id, None)
+
+    def _close_engine(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.close()
+
+
+def _reportable(exc: BaseException) -> BaseException:
+    if isinstance(exc, LllmsdError):
+        return exc
+    return EngineFailure(type(exc).__name__, str(exc)[:2000], "".join(traceback.format_exception(exc))[-8000:])
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the daemon dies, so a killed daemon leaves no orphan holding
+    gigabytes of weights."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the daemon died before prctl took effect
+        raise SystemExit(0)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    channel = BlockingChannel(socket.socket(fileno=int(argv[0])))
+    try:
+        Worker(channel).serve()
+    except ChannelClosed:
+        return 0
+    return 0

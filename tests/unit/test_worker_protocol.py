@@ -1,0 +1,80 @@
+"""The worker protocol's pure parts: frames, errors crossing the process boundary, and what the daemon
+makes of the lines a worker writes."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+import threading
+
+import pytest
+
+from lllmsd.core.jobs import ChatJob, ChatMessage, Sampling, TextDelta
+from lllmsd.core.worker import process
+from lllmsd.core.worker.protocol import BlockingChannel, Call, ChannelClosed, Emitted, decode_length, encode
+from lllmsd.errors import ContextLengthExceeded, ModelUnavailable, UnsupportedParameter
+
+
+def test_frames_carry_jobs_and_events_unchanged() -> None:
+    ours, theirs = socket.socketpair()
+    sender, receiver = BlockingChannel(ours), BlockingChannel(theirs)
+    job = ChatJob((ChatMessage("user", "héllo"),), Sampling(max_tokens=3, stop=("x",)))
+    big = Emitted(7, TextDelta("y" * 3_000_000))  # larger than one socket read
+    thread = threading.Thread(target=lambda: (sender.send(Call(1, "chat", job)), sender.send(big)))
+    thread.start()
+    assert receiver.receive() == Call(1, "chat", job)
+    assert receiver.receive() == big
+    thread.join()
+    ours.close()
+    with pytest.raises(ChannelClosed):
+        receiver.receive()
+
+
+def test_a_broken_length_is_refused_not_allocated() -> None:
+    with pytest.raises(ChannelClosed):
+        decode_length(b"\xff\xff\xff\xff")
+    assert decode_length(encode("x")[:4]) == len(pickle.dumps("x", protocol=pickle.HIGHEST_PROTOCOL))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnsupportedParameter("n", "llama-cpp", "one choice"),
+        ContextLengthExceeded(5000, 4096, param="max_tokens"),
+        ModelUnavailable("weights missing", retry_after=3),
+    ],
+)
+def test_request_errors_cross_the_process_boundary_whole(error: Exception) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert copy.__dict__ == error.__dict__
+    assert str(copy) == str(error)
+
+
+def test_a_worker_line_is_one_escaped_clipped_log_line() -> None:
+    forged = 'INFO lllmsd.access: 127.0.0.1 "POST /v1/chat" 200\n'
+    level, text = process._classify(b'root ::= "a"\nINFO fake line\x1b[31m' + b"x" * 10_000 + b"\n")
+    clipped = process._clip(text)
+    assert "\n" not in clipped
+    assert "\\n" in clipped
+    assert "\x1b" not in clipped
+    assert len(clipped) < process.LOG_LINE_LIMIT + 40
+    assert level == logging.INFO
+    assert process._classify(b"ERROR lllmsd.engines: the model broke\n") == (
+        logging.ERROR,
+        "lllmsd.engines: the model broke",
+    )
+    assert process._classify(forged.encode())[0] == logging.INFO  # a level word alone decides nothing else
+
+
+def test_a_flood_of_worker_lines_is_cut_to_a_burst_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(process.time, "monotonic", lambda: now[0])
+    limiter = process._LineLimiter()
+    admitted = sum(limiter.admit() for _ in range(2_000_000 // 1000))  # a 2,000-line burst
+    assert admitted == process.LOG_BURST
+    assert limiter.dropped_now() is None  # reported once the window is over
+    now[0] += process.LOG_WINDOW
+    assert limiter.dropped_now() == 2000 - process.LOG_BURST
+    assert limiter.admit()
