@@ -3,6 +3,8 @@
 On the FakeEngine with zero delay (so the engine costs almost nothing), it measures per request:
   (a) the engine alone, called in-process;
   (b) the pool: acquire an instance, run it in its worker thread, release;
+  (b') the same with the engine in a worker process (``isolation: process``, every real engine's
+       default): what the framed protocol over the worker's socket adds;
   (c) the whole daemon over HTTP on loopback (`lllmsd serve` in a subprocess, one client at a time);
 and prints p50/p99 of each and the added latency (b)-(a) and (c)-(a). Then it sends 2,000 requests at
 200 concurrency to a model with max_instances 4 and reports completed and failed counts.
@@ -58,8 +60,9 @@ def bench_engine(n: int) -> list[float]:
     return samples
 
 
-async def bench_pool(n: int) -> list[float]:
-    config = parse_config({"models": {"chat": {"task": "text-completion", "engine": "fake"}}}).models["chat"]
+async def bench_pool(n: int, isolation: str = "thread") -> list[float]:
+    model = {"task": "text-completion", "engine": "fake", "isolation": isolation}
+    config = parse_config({"models": {"chat": model}}).models["chat"]
 
     async def files() -> ModelFiles:
         return ModelFiles(None)
@@ -67,6 +70,9 @@ async def bench_pool(n: int) -> list[float]:
     pool = ModelPool("chat", config, FakeEngine, files=files, limiter=ConcurrencyLimit(2), clock=SystemClock())
     samples = []
     try:
+        if isolation == "process":  # start the worker first: the samples measure requests, not a spawn
+            async with pool.acquire() as instance:
+                [event async for event in instance.generate(ChatJob(MESSAGES, Sampling()))]
         for _ in range(n):
             job = ChatJob(MESSAGES, Sampling())
             start = time.perf_counter()
@@ -194,11 +200,14 @@ async def main() -> int:
 
     engine = bench_engine(args.requests)
     pool = await bench_pool(args.requests)
+    pool_process = await bench_pool(args.requests, "process")
     http = await bench_http(args.requests)
     base = percentiles(engine)
+    print(f"load average {os.getloadavg()[0]:.2f}")
     print(f"per-request latency, FakeEngine with zero delay, {args.requests} sequential requests")
     print(row("(a) engine in-process", engine))
     print(row("(b) pool + worker thread", pool, base))
+    print(row("(b') pool + worker process", pool_process, base))
     print(row("(c) lllmsd over HTTP (loopback)", http, base))
 
     completed, failed, elapsed = await burst(args.burst, args.concurrency)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, Job, JobKind
+from lllmsd.core.jobs import Feature, Job, JobKind
 from lllmsd.errors import ModelNotFound, UnsupportedParameter, UnsupportedTask
 
 if TYPE_CHECKING:
@@ -65,20 +65,13 @@ async def admit(
         )
     job = build(config)
     refuse_undeclared_features(engine, job)
-    if carries_grammar_work(job):
+    if engine.heavy_check(config, job):
         # turning a JSON Schema or grammar into the engine's form can take a while on a large one:
         # off the event loop, so other requests are not held up meanwhile
         await asyncio.to_thread(engine.check_job, config, job)
     else:
         engine.check_job(config, job)
     return Admission(job, pool)
-
-
-def carries_grammar_work(job: Job) -> bool:
-    """Whether checking ``job`` means converting schemas or grammars (worth a thread)."""
-    if isinstance(job, ChatJob):
-        return bool(job.tools or job.grammar or (job.response_format and job.response_format.schema))
-    return isinstance(job, CompletionJob) and job.grammar is not None
 
 
 def check_job(engine: type[Engine], config: Any, job: Job) -> None:

@@ -4,6 +4,14 @@
 (OpenAI's four forms). Token ids belong to the model's own tokenizer: the engine decodes them. Empty
 strings and empty arrays are refused, as OpenAI does. ``encoding_format: base64`` is the little-endian
 float32 bytes of each vector, base64-encoded; recent openai-python asks for it by default and decodes it.
+
+Size bounds, checked while validating and before anything is built from the input (4,000,000 token ids
+are refused by their count, not after a pass over them):
+- token ids: at most 8,192 per input and 300,000 per request (OpenAI's limits), each below 2**31;
+- text: at most 100,000 characters per input and 1,500,000 per request. OpenAI counts tokens; counting
+  characters is the cheap proxy here (a token is rarely more than a dozen characters, and about 4 in
+  English, so 8,192 and 300,000 tokens fit). What a model actually reads is bounded by its own context:
+  a longer input is cut to it (``truncate``, the default) or refused.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.errors import InvalidRequest
 
 _FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
+MAX_INPUT_TOKENS = 8_192  # token ids per input (OpenAI's limit)
+MAX_REQUEST_TOKENS = 300_000  # token ids per request (OpenAI's limit)
+MAX_INPUT_CHARS = 100_000  # characters per text input
+MAX_REQUEST_CHARS = 1_500_000  # characters per request
+MAX_TOKEN_ID = 2**31 - 1
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -30,11 +43,29 @@ def _is_token(value: Any) -> bool:
 def _check_tokens(tokens: list[Any], where: str) -> None:
     if not tokens:
         raise ValueError(f"{where} is an empty array")
+    if len(tokens) > MAX_INPUT_TOKENS:
+        raise ValueError(f"{where} has {len(tokens)} token ids; an input may have at most {MAX_INPUT_TOKENS}")
     for position, token in enumerate(tokens):
         if not _is_token(token):
-            raise ValueError(f"{where}[{position}] must be a token id (an integer), got {token!r}")
+            raise ValueError(f"{where}[{position}] must be a token id (an integer), got {str(token)[:40]!r}")
         if token < 0:
-            raise ValueError(f"{where}[{position}] is a negative token id ({token})")
+            raise ValueError(f"{where}[{position}] is a negative token id ({str(token)[:40]})")
+        if token > MAX_TOKEN_ID:
+            raise ValueError(f"{where}[{position}] is not a token id: {str(token)[:40]} is above 2**31 - 1")
+
+
+def _check_texts(texts: list[str]) -> None:
+    total = 0
+    for index, text in enumerate(texts):
+        if not text:
+            raise ValueError(f"input[{index}] is an empty string")
+        if len(text) > MAX_INPUT_CHARS:
+            raise ValueError(
+                f"input[{index}] has {len(text)} characters; an input may have at most {MAX_INPUT_CHARS:,}"
+            )
+        total += len(text)
+        if total > MAX_REQUEST_CHARS:
+            raise ValueError(f"the inputs have more than {MAX_REQUEST_CHARS:,} characters in all")
 
 
 class EmbeddingRequest(WireRequest):
@@ -51,19 +82,30 @@ class EmbeddingRequest(WireRequest):
         if isinstance(value, str):
             if not value:
                 raise ValueError("must not be an empty string")
+            if len(value) > MAX_INPUT_CHARS:
+                raise ValueError(f"has {len(value)} characters; an input may have at most {MAX_INPUT_CHARS:,}")
             return value
         if not isinstance(value, list):
             raise ValueError(f"must be {_FORMS}")
         if not value:
             raise ValueError("must not be an empty array")
-        if all(isinstance(item, str) for item in value):
-            empty = next((i for i, item in enumerate(value) if not item), None)
-            if empty is not None:
-                raise ValueError(f"input[{empty}] is an empty string")
-        elif all(_is_token(item) for item in value):
+        # the form is the first item's; sizes are checked before any pass over the items
+        if isinstance(value[0], str):
+            if not all(isinstance(item, str) for item in value):
+                raise ValueError(f"must be {_FORMS}")
+            _check_texts(value)
+        elif _is_token(value[0]):
+            if len(value) <= MAX_INPUT_TOKENS and not all(_is_token(item) for item in value):
+                raise ValueError(f"must be {_FORMS}")
             _check_tokens(value, "input")
-        elif all(isinstance(item, list) for item in value):
+        elif isinstance(value[0], list):
+            total = 0
             for index, tokens in enumerate(value):
+                if not isinstance(tokens, list):
+                    raise ValueError(f"must be {_FORMS}")
+                total += len(tokens)
+                if len(tokens) <= MAX_INPUT_TOKENS and total > MAX_REQUEST_TOKENS:  # a longer one: its own message
+                    raise ValueError(f"the inputs have more than {MAX_REQUEST_TOKENS:,} token ids in all")
                 _check_tokens(tokens, f"input[{index}]")
         else:
             raise ValueError(f"must be {_FORMS}")

@@ -47,5 +47,5 @@ def array_branch(*, min_items: int | None = None, max_items: int | None = None, 
 def token_map(schema: JsonSchema) -> None:
     for option in schema.get("anyOf", [schema]):
         if option.get("type") == "object":
-            option["propertyNames"] = {"pattern": r"^-?[0-9]+$"}
+            option["propertyNames"] = {"pattern": r"^[0-9]{1,9}$"}
             option["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}

@@ -6,15 +6,23 @@ after the per-request limits of the model's config (max_messages, max_prompt_cha
 are checked, so an oversized request is refused before it queues. The message, tool and response-format
 parts of a chat request are in messages.py; rendering the answers is in text_output.py. Nothing below
 the API layer sees these classes.
+
+Integer fields are range-checked here, so no value wraps silently in an engine's C types: ``top_k`` and
+the token counts fit an int32 (2**31 - 1), ``seed`` an int64 (OpenAI's range; each engine maps it to its
+own seed width and says how), ``repeat_last_n`` is at most 1,048,576 (and the model's context: the
+engine checks that). ``logit_bias`` keys are ASCII token ids (at most 1,024 of them), values within
+[-100, 100]. The JSON Schemas a chat request brings are bounded by json_schema.py.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lllmsd.api.schemas.common import WireRequest
+from lllmsd.api.schemas.json_schema import SchemaBudget
 from lllmsd.api.schemas.messages import (
     MessageWire,
     NamedToolChoice,
@@ -30,6 +38,13 @@ from lllmsd.errors import InvalidRequest
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_INT32 = 2**31 - 1  # token counts, top_k: what llama.cpp and the other engines take as int32
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's (int64)
+MAX_REPEAT_LAST_N = 1_048_576  # and at most the model's context (the engine checks)
+MAX_LOGIT_BIAS = 1_024  # entries; OpenAI takes 300
+MAX_GRAMMAR_CHARS = 65_536  # as the llama-cpp engine's own bound (engines/llama_cpp/gbnf.py)
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # no vocabulary comes near a billion tokens
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 _STREAM_OPTIONS_NEED_STREAM = when(present("stream_options", {"type": "object"}), present("stream", {"const": True}))
@@ -49,19 +64,20 @@ class SamplingWire(WireRequest):
     stop: str | list[str] | None = Field(
         None, json_schema_extra=array_branch(max_items=MAX_STOP, item={"minLength": 1})
     )
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=token_map)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS, json_schema_extra=token_map)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # not in OpenAI's spec; what llama.cpp servers accept
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
-    repeat_last_n: int | None = Field(None, ge=0)
-    grammar: str | None = None
+    repeat_last_n: int | None = Field(None, ge=0, le=MAX_REPEAT_LAST_N)
+    # GBNF text or a configured grammar's name; the engine bounds the grammar itself (llama-cpp: gbnf.py)
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("stop")
     @classmethod
@@ -77,8 +93,9 @@ class SamplingWire(WireRequest):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
-                raise ValueError(f"keys are token ids, got {token!r}")
+            # ASCII digits only: str.isdigit() takes "²", which int() then refuses (a 500)
+            if not _TOKEN_ID.fullmatch(token):
+                raise ValueError(f"keys are token ids (non-negative integers), got {token[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {token} must be within [-100, 100]")
         return value
@@ -136,12 +153,12 @@ class ChatCompletionRequest(SamplingWire):
 
     model: str
     messages: list[MessageWire] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormatWire | None = None
-    tools: list[ToolWire] | None = None
+    tools: list[ToolWire] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
@@ -159,11 +176,23 @@ class ChatCompletionRequest(SamplingWire):
             raise ValueError(f"tool_choice '{self.tool_choice}' needs tools")
         return self
 
+    def check_schemas(self) -> None:
+        """The JSON Schemas of this request within their limits (json_schema.py): they share one budget."""
+        budget = SchemaBudget()
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonSchema):
+            budget.check(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        elif isinstance(fmt, ResponseFormatJsonObject):
+            budget.check(fmt.schema_, "response_format.schema")
+        for index, tool in enumerate(self.tools or ()):
+            budget.check(tool.function.parameters, f"tools[{index}].function.parameters")
+
     def to_job(self, config: Any) -> ChatJob:
         max_tokens = self.max_completion_tokens or self.max_tokens
         _check_count("messages", len(self.messages), getattr(config, "max_messages", None), "max_messages")
         _check_prompt_chars(config, "messages", sum(m.prompt_chars() for m in self.messages))
         _check_max_tokens(config, "max_completion_tokens" if self.max_completion_tokens else "max_tokens", max_tokens)
+        self.check_schemas()
         if isinstance(self.tool_choice, NamedToolChoice):
             tool_choice: str | None = self.tool_choice.function.name
         else:
@@ -208,7 +237,7 @@ class CompletionRequest(SamplingWire):
 
     model: str
     prompt: str | list[str] = Field(json_schema_extra=array_branch(min_items=1, max_items=1))
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool = False
     suffix: str | None = None

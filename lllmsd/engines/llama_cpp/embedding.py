@@ -50,9 +50,11 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
     def _tokens(self, item: str | tuple[int, ...], index: int) -> list[int]:
         tokens = tokenize(self._llama, item) if isinstance(item, str) else [int(t) for t in item]
         if not tokens:
-            raise InvalidRequest("input: empty inputs cannot be embedded", param="input")
+            raise InvalidRequest("input: empty inputs cannot be embedded", param="input", code="invalid_value")
         if any(not 0 <= t < self.n_vocab for t in tokens):
-            raise InvalidRequest("input: a token id is not in the model's vocabulary", param="input")
+            raise InvalidRequest(
+                "input: a token id is not in the model's vocabulary", param="input", code="invalid_value"
+            )
         if len(tokens) > self.context_size:
             if self.config.truncate:  # a sequence is evaluated whole in one batch of context_size tokens
                 return tokens[: self.context_size]

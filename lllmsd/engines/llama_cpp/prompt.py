@@ -67,7 +67,9 @@ class ChatPrompt:
         try:
             rendered = formatter(messages=dicts)
         except Exception as exc:  # a template's raise_exception(), or jinja errors on odd input
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
+            raise InvalidRequest(
+                f"the chat template rejected the messages: {exc}", param="messages", code="invalid_value"
+            ) from None
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
         tokens = tokenize(self._llama, rendered.prompt, add_bos=not rendered.added_special)
         return tokens, tuple(s for s in stops if s)

@@ -9,7 +9,15 @@ Choices made here, and why:
 - Defaults for values a request leaves out: OpenAI's temperature 1 and top_p 1; llama.cpp's top_k 40 and
   min_p 0.05 (a small model at temperature 1 without any truncation rambles); no penalties. How many
   tokens a job may generate by default is the text engine's choice (text.py).
-- Each choice samples from its own random stream, reproducible when the request gave a seed.
+- Each choice samples from its own random stream, reproducible when the request gave a seed. llama.cpp's
+  seed is 32-bit: a request's seed s (the API takes -2**63 to 2**63-1, as OpenAI) seeds choice i with
+  (s + i) mod (2**32 - 1), 2**32 - 1 being llama.cpp's "draw a random seed".
+- ``logit_bias`` -100 (OpenAI's "ban this token") is a bias of -10,000, not -inf. Whenever any other
+  token may come, that is a ban all the same (float32's exp of -10,000 is exactly 0, greedy never picks
+  it); but when a grammar (or json format, or tool calls) allows only banned tokens, they keep their
+  order and generation goes on. With -inf every candidate was -inf, the sampler picked a token the
+  grammar forbids, and llama.cpp aborted the process (SIGABRT) accepting it.
+- ``top_k`` above the vocabulary is the vocabulary (the same candidates); llama.cpp takes an int32.
 - A sampled token is evaluated only when the next one is asked for, so a stop leaves nothing unused in
   the context.
 """
@@ -32,7 +40,8 @@ DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_LAST_N = 64
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for this value
-BAN_BIAS = -100.0  # OpenAI's "ban this token": made a hard ban (-inf), not merely unlikely
+BAN_BIAS = -100.0  # OpenAI's "ban this token"
+BAN_LOGIT = -10_000.0  # what a ban adds to the logit: finite, so a grammar always has a candidate
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +169,7 @@ class Decoder:
         if temperature <= 0:
             chain.add_greedy()
             return chain
-        chain.add_top_k(DEFAULT_TOP_K if s.top_k is None else s.top_k)
+        chain.add_top_k(DEFAULT_TOP_K if s.top_k is None else min(s.top_k, self.n_vocab))
         chain.add_top_p(1.0 if s.top_p is None else s.top_p, 1)
         chain.add_min_p(DEFAULT_MIN_P if s.min_p is None else s.min_p, 1)
         chain.add_temp(temperature)
@@ -182,17 +191,37 @@ class Decoder:
         llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
 
     def _logit_bias(self, bias: dict[int, float]) -> dict[int, float]:
-        for token in bias:
+        self.check_logit_bias(bias)
+        return {int(t): (BAN_LOGIT if b <= BAN_BIAS else float(b)) for t, b in bias.items()}
+
+    def check_logit_bias(self, bias: dict[int, float] | None) -> None:
+        for token in bias or ():
             if not 0 <= int(token) < self.n_vocab:
-                raise InvalidRequest(f"logit_bias: token {token} is not in the vocabulary", param="logit_bias")
-        return {int(t): (-math.inf if b <= BAN_BIAS else float(b)) for t, b in bias.items()}
+                raise InvalidRequest(
+                    f"logit_bias: token {token} is not in this model's vocabulary (0 to {self.n_vocab - 1})",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+
+    def check_grammar_tokens(self, tokens: list[str]) -> None:
+        """Each ``<token>`` of a GBNF grammar is one token of this model, as llama.cpp requires."""
+        buffer = (llama_cpp.llama_token * 2)()
+        for token in tokens:
+            data = token.encode("utf-8")
+            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, 2, False, True)
+            if count != 1:
+                raise InvalidRequest(
+                    f"grammar: {token[:60]} is not one token of this model", param="grammar", code="invalid_value"
+                )
 
     def _add_grammar(self, chain: internals.LlamaSampler, grammar: str) -> None:
         # Built here rather than with LlamaSampler.add_grammar: llama.cpp returns NULL for a grammar it
         # cannot parse, and adding NULL to a chain would crash the process.
+        # Every grammar here was bounded first (gbnf.py, or the JSON Schema limits), so llama.cpp's parser
+        # neither recurses too deep nor expands too much; one it still refuses is a 400.
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
-            raise InvalidRequest("grammar: llama.cpp could not parse this GBNF grammar", param="grammar")
+            raise InvalidRequest("grammar: llama.cpp could not use this grammar", param="grammar", code="invalid_value")
         llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
 
     def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:

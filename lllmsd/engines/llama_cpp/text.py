@@ -14,6 +14,10 @@ made here, and why:
   position to sample after.
 - ``check_job`` compiles what the request brings (named grammars, JSON Schemas, tool schemas) before
   the request queues, so a schema the converter cannot express is a 400 at once, not after the wait.
+  That can take up to ~0.2 s for the largest schemas the API admits, so admission runs it off the event
+  loop for jobs that carry schemas or grammars (``heavy_check`` says which, for this engine).
+- ``repeat_last_n`` may be at most the context (the penalty sampler allocates that many slots): a 400
+  naming it, before the request queues when the config fixes ``context_size``, else before generating.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import replace
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, GenerationEvent, Job, Preload, Sampling
 from lllmsd.engines.base import ModelFiles, TextEngine
+from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
 from lllmsd.engines.llama_cpp.generate import best_of, generate
 from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_grammar
 from lllmsd.engines.llama_cpp.model import load_llama, tokenize
@@ -69,7 +74,13 @@ class LlamaCppTextEngine(TextEngine):
 
     @classmethod
     def config_problems(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
-        return [("chat_format", problem) for problem in chat_format_problems(config.chat_format)]
+        problems = [("chat_format", problem) for problem in chat_format_problems(config.chat_format)]
+        for name in config.grammars:  # each within the bounds a request's grammar has (gbnf.py)
+            try:
+                resolve_grammar(config, name)
+            except InvalidRequest as exc:
+                problems.append(("grammars", f"{name}: {exc.message.removeprefix('grammar: ')}"))
+        return problems
 
     @classmethod
     def check_job(cls, config: LlamaCppModelConfig, job: Job) -> None:
@@ -78,23 +89,40 @@ class LlamaCppTextEngine(TextEngine):
         elif isinstance(job, CompletionJob):
             resolve_grammar(config, job.grammar)
             if job.best_of is not None and job.best_of < job.n:
-                raise InvalidRequest("best_of must be >= n", param="best_of")
+                raise InvalidRequest("best_of must be >= n", param="best_of", code="invalid_value")
+        if isinstance(job, ChatJob | CompletionJob) and config.context_size is not None:
+            _check_repeat_last_n(job.sampling, config.context_size)
+
+    @classmethod
+    def heavy_check(cls, config: LlamaCppModelConfig, job: Job) -> bool:
+        """Whether ``check_job`` converts a grammar, a JSON Schema or tool schemas for this job (up to ~0.2 s
+        for the largest the API admits): such checks belong off the event loop."""
+        if isinstance(job, ChatJob):
+            fmt = job.response_format
+            json_output = fmt is not None and fmt.type != "text"
+            return job.grammar is not None or json_output or (bool(job.tools) and job.tool_choice != "none")
+        return isinstance(job, CompletionJob) and job.grammar is not None
 
     @classmethod
     def _check_chat(cls, config: LlamaCppModelConfig, job: ChatJob) -> None:
         grammar = resolve_grammar(config, job.grammar)
-        try:
-            json_grammar = response_grammar(job)
-            if job.tools and job.tool_choice != "none":
-                tool_grammar(job.tools, job.parallel_tool_calls)
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise InvalidRequest(f"cannot turn the JSON Schema into a grammar: {exc}") from None
+        json_grammar = response_grammar(job)  # a schema it cannot convert is a 400 naming it
+        if job.tools and job.tool_choice != "none":
+            tool_grammar(job.tools, job.parallel_tool_calls)
         if grammar is not None and json_grammar is not None:
             raise UnsupportedParameter("grammar", ENGINE, "give grammar or a JSON response_format, not both")
         if job.tools and job.tool_choice != "none" and (grammar is not None or json_grammar is not None):
             raise UnsupportedParameter(
                 "tools", ENGINE, "tool calls cannot be combined with grammar or a JSON response_format"
             )
+
+    def _check_loaded(self, sampling: Sampling, grammar: str | None) -> None:
+        """What only the loaded model can judge, before any prompt is evaluated."""
+        _check_repeat_last_n(sampling, self.context_size)
+        self._decoder.check_logit_bias(sampling.logit_bias)
+        text = self.config.grammars.get(grammar, grammar) if grammar is not None else None
+        if text is not None and not text.lstrip().startswith("{"):  # GBNF, not a JSON Schema
+            self._decoder.check_grammar_tokens(gbnf_tokens(text))
 
     def _check_context(self, prompt: list[int], param: str, sampling: Sampling | None = None) -> None:
         if len(prompt) >= self.context_size:  # at least one token must fit after the prompt
@@ -120,6 +148,7 @@ class LlamaCppTextEngine(TextEngine):
 
     def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         self._check_chat(self.config, job)  # as admission did, for callers that bypass it: the plan assumes it
+        self._check_loaded(job.sampling, job.grammar)
         use_tools = bool(job.tools) and job.tool_choice != "none"
         prompt, format_stops = self._prompt.render(job.messages, job.tools if use_tools else (), open_turn=True)
         self._check_context(prompt, "messages", job.sampling)
@@ -137,7 +166,9 @@ class LlamaCppTextEngine(TextEngine):
                 chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
                 if not chosen:
                     raise InvalidRequest(
-                        f"tool_choice names an unknown function {job.tool_choice!r}", param="tool_choice"
+                        f"tool_choice names an unknown function {job.tool_choice!r}",
+                        param="tool_choice",
+                        code="invalid_value",
                     )
             tools = replace(plan, stops=(), top_logprobs=None, grammar=tool_grammar(chosen, job.parallel_tool_calls))
         auto = use_tools and job.tool_choice in (None, "auto")
@@ -145,6 +176,7 @@ class LlamaCppTextEngine(TextEngine):
 
     def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         self.check_job(self.config, job)  # as admission did, for callers that bypass it
+        self._check_loaded(job.sampling, job.grammar)
         prompt = self._completion_prompt(job)
         self._check_context(prompt, "prompt", job.sampling)
         plan = Plan(
@@ -177,3 +209,12 @@ class LlamaCppTextEngine(TextEngine):
         """An empty prompt still needs one token to sample from: BOS, or EOS for models without one."""
         model = self._llama._model
         return model.token_bos() if model.token_bos() >= 0 else model.token_eos()
+
+
+def _check_repeat_last_n(sampling: Sampling, context_size: int) -> None:
+    if sampling.repeat_last_n is not None and sampling.repeat_last_n > context_size:
+        raise InvalidRequest(
+            f"repeat_last_n is {sampling.repeat_last_n}, more than this model's context of {context_size} tokens",
+            param="repeat_last_n",
+            code="invalid_value",
+        )
