@@ -305,8 +305,17 @@ def smollm2(**options: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def llama(start_app: AppFactory) -> TestClient:
-    # the engine runs in its worker process (the default): a crash there fails a request, not pytest
-    return await start_app(make_config({"smol": smollm2(context_size=512)}))
+    # the engines run in their worker processes (the default): a crash there fails a request, not pytest
+    minilm = {"task": "embedding", "engine": "sentence-transformers", "location": str(model_path("minilm"))}
+    return await start_app(make_config({"smol": smollm2(context_size=512), "minilm": minilm}))
+
+
+async def chat_and_embeddings_served(client: TestClient) -> None:
+    """After a hostile request, a normal chat and a normal embedding request are both answered."""
+    await served(client, "smol")
+    status, body = await post(client, "/v1/embeddings", {"model": "minilm", "input": "a normal sentence"})
+    assert status == 200, body
+    assert len(body["data"][0]["embedding"]) == 384
 
 
 def vocab_pieces() -> dict[int, bytes]:
@@ -349,7 +358,7 @@ async def test_llama_large_length_and_item_bounds_are_enforced_not_crashed(llama
     status, answer = await post(llama, CHAT, body)
     assert status == 200, answer
     assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "pick"
-    await served(llama, "smol")
+    await chat_and_embeddings_served(llama)
 
 
 @pytest.mark.engines
@@ -381,7 +390,7 @@ async def test_llama_grammar_bounds_are_400_naming_grammar(
     for path, body in ((CHAT, smol_chat(grammar=grammar)), ("/v1/completions", completion)):
         status, answer = await post(llama, path, body)
         assert_refused(status, answer, "grammar", *words)
-    await served(llama, "smol")
+    await chat_and_embeddings_served(llama)
     await asyncio.sleep(0.2)  # the daemon logs what the worker writes as it reads it
     # refused before llama.cpp's parser, which writes a grammar it rejects to stderr in full (the daemon
     # logs the worker's stderr)
@@ -404,7 +413,7 @@ async def test_llama_logit_bias_banning_every_token_a_grammar_allows_does_not_ab
     )
     assert status == 200, answer
     assert answer["choices"][0]["text"] == "a"
-    await served(llama, "smol")
+    await chat_and_embeddings_served(llama)
 
 
 @pytest.mark.engines
@@ -415,7 +424,7 @@ async def test_llama_vocabulary_and_context_bounds(llama: TestClient) -> None:
     assert_refused(status, body, "repeat_last_n", "512")
     status, body = await post(llama, CHAT, smol_chat(repeat_last_n=512, repeat_penalty=1.1, top_k=2**31 - 1))
     assert status == 200, body
-    await served(llama, "smol")
+    await chat_and_embeddings_served(llama)
 
 
 @pytest.mark.engines
@@ -428,4 +437,4 @@ async def test_llama_schema_the_converter_cannot_express_is_400_naming_it(llama:
     for schema, param in cases:
         status, body = await post(llama, CHAT, smol_chat(response_format=json_schema_format(schema)))
         assert_refused(status, body, param, "grammar")
-    await served(llama, "smol")
+    await chat_and_embeddings_served(llama)
