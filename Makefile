@@ -68,7 +68,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lllmsd tests bench
 	$(VENV)/bin/ruff format --check lllmsd tests bench
 
-BENCHES := pool_overhead chat_throughput embeddings transcription load adversarial
+BENCHES := pool_overhead chat_throughput isolation embeddings transcription load adversarial
 
 # Every benchmark, one after another (each prints its figures beside its baseline); `make fuzz` is separate.
 bench: install

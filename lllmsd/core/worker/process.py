@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 LOG_LINE_LIMIT = 500  # characters of one line the worker wrote
 LOG_BURST = 200  # lines per LOG_WINDOW before the rest are counted, not logged
 LOG_WINDOW = 10.0
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class WorkerDied(EngineError):
@@ -241,7 +241,7 @@ class WorkerProcess:
             while True:
                 header = await self._reader.readexactly(HEADER.size)
                 payload = await self._reader.readexactly(decode_length(header))
-                self._deliver(_unpickle(payload))
+                self._deliver(pickle.loads(payload))  # our own worker wrote it (see protocol.py)
         except (asyncio.IncompleteReadError, ConnectionError, ChannelClosed):
             pass  # the worker exited or its pipe broke: _watch_exit reports how
 
@@ -319,12 +319,6 @@ class WorkerProcess:
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
-
-
-def _unpickle(payload: bytes) -> object:
-    import pickle
-
-    return pickle.loads(payload)
 
 
 def _how_it_ended(code: int) -> str:
