@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -61,6 +62,16 @@ async def hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 async def client(start_app: AppFactory) -> TestClient:
     """A daemon with one fake chat model called "chat"."""
     return await start_app()
+
+
+async def sse_data(response: Any) -> list[Any]:
+    """The JSON of every ``data:`` event of an SSE response, in order, without the final [DONE]."""
+    events = []
+    async for line in response.content:
+        text = line.decode().strip()
+        if text.startswith("data: ") and text != "data: [DONE]":
+            events.append(json.loads(text[6:]))
+    return events
 
 
 def sdk(client: TestClient, prefix: str = "/v1", **options: Any) -> openai.AsyncOpenAI:

@@ -314,29 +314,21 @@ class ModelPool:
         return instance
 
     async def _load(self, instance: ModelInstance) -> None:
+        engine_failed = False  # a failed download or verification: the store starts afresh next request
         try:
             self._preparing += 1
             try:
                 files = await self._files()
             finally:
                 self._preparing -= 1
-        except asyncio.CancelledError:
-            self._forget(instance)
-            await instance.dispose()
-            raise
-        except Exception as exc:
-            # a failed download or verification: the store starts afresh for the next request
-            self._load_failed(instance, exc, engine_failed=False)
-            await instance.dispose()
-            return
-        try:
+            engine_failed = True  # past here, the same weights would fail the same way: back off
             await instance.load(files, self._preload)
         except asyncio.CancelledError:
             self._forget(instance)
             await instance.dispose()
             raise
         except Exception as exc:
-            self._load_failed(instance, exc, engine_failed=True)
+            self._load_failed(instance, exc, engine_failed=engine_failed)
             await instance.dispose()
             return
         self._load_failures = 0

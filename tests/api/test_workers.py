@@ -5,7 +5,6 @@ time budgets end requests, shutdown never waits past its grace, and GET / shows 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
 from tests.api.probe import eventually
 from tests.api.stuck_engine import StuckEngine
-from tests.conftest import AppFactory, fake_model, make_config
+from tests.conftest import AppFactory, fake_model, make_config, sse_data
 
 
 def worker_model(**options: Any) -> dict[str, Any]:
@@ -34,15 +33,6 @@ async def chat(client: TestClient, model: str, text: str, **extra: Any) -> tuple
 async def workers(client: TestClient, model: str) -> list[dict[str, Any]]:
     status = await (await client.get("/")).json()
     return [i["worker"] for i in status["models"][model]["instances"] if i["worker"]]
-
-
-async def sse_events(response: Any) -> list[Any]:
-    events = []
-    async for line in response.content:
-        text = line.decode().strip()
-        if text.startswith("data: ") and text != "data: [DONE]":
-            events.append(json.loads(text[6:]))
-    return events
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT])
@@ -67,11 +57,11 @@ async def test_a_worker_killed_mid_stream_costs_its_request_only(start_app: AppF
     first = await response.content.readline()
     assert first.startswith(b"data: ")
     os.kill(victim["pid"], sig)
-    events = await sse_events(response)
+    events = await sse_data(response)
     assert events[-1]["error"]["code"] == "worker_died"
     assert sig.name in events[-1]["error"]["message"]
 
-    other_events = await sse_events(await other)  # the other model streamed on, undisturbed
+    other_events = await sse_data(await other)  # the other model streamed on, undisturbed
     assert other_events[-1]["choices"][0]["finish_reason"] == "stop"
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in other_events if e["choices"]) == words
 

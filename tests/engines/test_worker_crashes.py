@@ -5,7 +5,6 @@ daemon keeps serving embeddings."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Any
@@ -15,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from lllmsd.app import create_app
 from lllmsd.config import parse_config
+from tests.conftest import sse_data
 from tests.engines.conftest import EMBEDDING_MODELS, TEXT_MODELS
 
 pytestmark = pytest.mark.engines
@@ -46,15 +46,6 @@ async def stream(client: TestClient, model: str, max_tokens: int) -> Any:
     return response
 
 
-async def events_of(response: Any) -> list[Any]:
-    events = []
-    async for line in response.content:
-        text = line.decode().strip()
-        if text.startswith("data: ") and text != "data: [DONE]":
-            events.append(json.loads(text[6:]))
-    return events
-
-
 async def worker_pids(client: TestClient, model: str) -> list[int]:
     status = await (await client.get("/")).json()
     return [i["worker"]["pid"] for i in status["models"][model]["instances"] if i["worker"]]
@@ -71,11 +62,11 @@ async def test_a_worker_killed_mid_stream_costs_its_request_only(daemon: TestCli
     for _ in range(3):  # a few tokens in
         assert (await doomed.content.readline()) is not None
     os.kill(victim, sig)
-    events = await events_of(doomed)
+    events = await sse_data(doomed)
     assert events[-1]["error"]["code"] == "worker_died"
     assert sig.name in events[-1]["error"]["message"]
 
-    other_events = await events_of(other)
+    other_events = await sse_data(other)
     assert other_events[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(1 for e in other_events if e["choices"] and e["choices"][0]["delta"].get("content")) >= 40
 
