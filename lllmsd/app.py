@@ -8,14 +8,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import audio, embeddings, models, status, text
+from lllmsd.api import audio, embeddings, models, responses, status, text
 from lllmsd.api.auth import auth_middleware
-from lllmsd.api.keys import RUNTIME
+from lllmsd.api.keys import RESPONSE_STORE, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
 from lllmsd.api.middleware import error_middleware, request_context_middleware
 from lllmsd.api.openapi import setup_openapi
 from lllmsd.config import DaemonConfig
 from lllmsd.core.clock import Clock
+from lllmsd.core.response_store import ResponseStore
 from lllmsd.core.runtime import Runtime
 from lllmsd.core.store import ModelStore
 from lllmsd.engines.base import Engine
@@ -48,12 +49,15 @@ def create_app(
     )
     runtime = Runtime(config, engines=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval)
     app[RUNTIME] = runtime
+    # opened on first use: a store that cannot be opened fails the Responses requests only
+    app[RESPONSE_STORE] = ResponseStore(config.responses_path(), runtime.clock)
     setup_metrics(app, runtime)
 
     async def runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await runtime.start()
         yield
         await runtime.stop()
+        await app[RESPONSE_STORE].close()
 
     app.cleanup_ctx.append(runtime_lifecycle)
     _add_routes(app)
@@ -72,3 +76,7 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/embeddings", embeddings.embeddings)
         app.router.add_post(f"{prefix}/audio/transcriptions", audio.transcriptions)
         app.router.add_post(f"{prefix}/audio/translations", audio.translations)
+        app.router.add_post(f"{prefix}/responses", responses.create_response)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}", responses.get_response)
+        app.router.add_delete(f"{prefix}/responses/{{response_id}}", responses.delete_response)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", responses.list_input_items)

@@ -383,7 +383,27 @@ class FasterWhisperModelConfig(ModelBase):
     vad_filter: bool = Field(False, description="Skip silence with the Silero VAD.")
 
 
+class ResponsesConfig(_Section):
+    """The Responses API's state store (see docs/responses.md)."""
+
+    path: Path | None = Field(
+        None,
+        description="The SQLite file stored responses live in; null = responses.sqlite3 in cache_dir. Restart to "
+        "change.",
+    )
+    max_age: float | None = Field(
+        30 * 24 * 3600,
+        gt=0,
+        description="Seconds a stored response is kept (default 30 days, as OpenAI); null = no age limit.",
+    )
+    max_count: int | None = Field(
+        10_000, ge=1, description="Stored responses kept at most (the oldest go first); null = no count limit."
+    )
+    store: bool = Field(True, description="Whether a request that does not say `store` is stored.")
+
+
 MODELS_DESCRIPTION = "The models to serve, by id."
+RESPONSES_FILE = "responses.sqlite3"
 
 
 class DaemonConfig(_Section):
@@ -422,12 +442,20 @@ class DaemonConfig(_Section):
         "503 `too_many_connections`. Needs that many open files plus 256 (see docs/hardening.md); restart to "
         "change.",
     )
+    responses: ResponsesConfig = Field(
+        default_factory=ResponsesConfig, description="Where and for how long the Responses API keeps state."
+    )
     models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
 
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_cache_dir(cls, value: Path) -> Path:
         return Path(os.path.expandvars(str(value))).expanduser()
+
+    def responses_path(self) -> Path:
+        """The Responses API's SQLite file: ``responses.path``, else responses.sqlite3 in ``cache_dir``."""
+        path = self.responses.path
+        return Path(os.path.expandvars(str(path))).expanduser() if path is not None else self.cache_dir / RESPONSES_FILE
 
     def problems(self, engines: EngineRegistry) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []

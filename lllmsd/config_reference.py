@@ -24,6 +24,7 @@ from lllmsd.config import (
     ListenConfig,
     ModelBase,
     PreloadConfig,
+    ResponsesConfig,
 )
 from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
@@ -33,6 +34,7 @@ def sections(engines: EngineRegistry) -> list[tuple[str, type[BaseModel], type[B
     shared: list[tuple[str, type[BaseModel], type[BaseModel] | None]] = [
         ("Daemon (top level)", engines.daemon_config_class(), None),
         ("`listen`", ListenConfig, None),
+        ("`responses`", ResponsesConfig, None),
         ("Every model (`models.<id>`)", ModelBase, None),
         ("`models.<id>.completion_defaults`", CompletionDefaults, None),
         ("`models.<id>.preload`", PreloadConfig, None),

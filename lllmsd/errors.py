@@ -151,3 +151,18 @@ class EngineError(LllmsdError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class ResponseNotFound(LllmsdError):
+    """No stored response with this id: never stored (``store: false``), deleted, or past retention."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+    def __init__(self, response_id: str, *, param: str | None = None) -> None:
+        shown = response_id if len(response_id) <= 200 else f"{response_id[:200]}..."
+        super().__init__(
+            f"No response with id '{shown}' is stored (never stored with store: true, deleted, or past retention)",
+            param=param,
+        )

@@ -28,6 +28,7 @@ from lllmsd.api.keys import RUNTIME
 from lllmsd.api.schemas import bodies as r
 from lllmsd.api.schemas.audio import TranscriptionRequest, TranslationRequest
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
+from lllmsd.api.schemas.responses import ResponseCreateRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,15 @@ ERROR_DESCRIPTIONS: Mapping[int, str] = MappingProxyType(
         400: "Invalid request: a field is missing, malformed or out of range, or the model cannot do this "
         "(code names it: invalid_value, context_length_exceeded, unsupported_parameter, ...).",
         401: "Missing or wrong API key (only when api_keys are configured).",
-        404: "No model with this id (code model_not_found).",
+        404: "No model with this id (code model_not_found), or no stored response with this id (code "
+        "response_not_found).",
         408: "The request body did not arrive within client_timeout seconds.",
         413: "Request body or uploaded file larger than the configured limit (max_body_size, max_audio_size).",
         415: "Wrong Content-Type.",
         429: "Too many requests waiting for this model (code queue_full); see Retry-After.",
         500: "The engine failed (code engine_error) or a bug (code internal_error, with a request id).",
         503: "The model could not be loaded or downloaded, no instance came free within queue_timeout, "
-        "or the daemon is shutting down.",
+        "the daemon is shutting down, or the response store cannot be used (code response_store_unavailable).",
     }
 )
 _GENERATION_ERRORS = (400, 404, 408, 413, 415, 429, 500, 503)
@@ -138,6 +140,42 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             TranslationRequest,
             MULTIPART,
             errors=_AUDIO_ERRORS,
+        ),
+        ("POST", "/responses"): Operation(
+            "Create a response (the Responses API; stored and chained with previous_response_id)",
+            "responses",
+            (
+                Body(JSON, r.ResponseObject),
+                Body(
+                    _SSE,
+                    description="With `stream: true`: typed events (`event:` and `data:` lines, sequence_number "
+                    "from 0), ending with response.completed, response.incomplete or response.failed; no [DONE]",
+                    events=(r.ResponseStreamEvent,),
+                ),
+            ),
+            ResponseCreateRequest,
+            errors=_GENERATION_ERRORS,
+        ),
+        ("GET", "/responses/{response_id}"): Operation(
+            "Retrieve a stored response",
+            "responses",
+            (Body(JSON, r.ResponseObject),),
+            errors=(404, 500, 503),
+            path_parameters=(("response_id", "A resp_... id."),),
+        ),
+        ("DELETE", "/responses/{response_id}"): Operation(
+            "Delete a stored response",
+            "responses",
+            (Body(JSON, r.ResponseDeleted),),
+            errors=(404, 500, 503),
+            path_parameters=(("response_id", "A resp_... id."),),
+        ),
+        ("GET", "/responses/{response_id}/input_items"): Operation(
+            "List a stored response's input items (paginated: after, limit, order)",
+            "responses",
+            (Body(JSON, r.ResponseInputItemList),),
+            errors=(400, 404, 500, 503),
+            path_parameters=(("response_id", "A resp_... id."),),
         ),
         ("GET", "/models"): Operation("List the configured models", "models", (Body(JSON, r.ModelList),)),
         ("GET", "/models/{model}"): Operation(

@@ -32,8 +32,12 @@ PING_INTERVAL = 15.0
 _END = object()
 
 
-def encode_event(data: dict[str, Any] | str) -> bytes:
+def encode_event(data: dict[str, Any] | str, *, named: bool = False) -> bytes:
+    """One SSE event; ``named``: with an ``event:`` line giving the payload's ``type`` (the Responses API's
+    typed events)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    if named and isinstance(data, dict):
+        return f"event: {data['type']}\ndata: {payload}\n\n".encode()
     return f"data: {payload}\n\n".encode()
 
 
@@ -65,6 +69,7 @@ async def stream_sse(
     *,
     ping_interval: float = PING_INTERVAL,
     done_marker: bool = True,
+    named_events: bool = False,
 ) -> web.StreamResponse:
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
     producer = asyncio.create_task(_pump(chunks, queue))
@@ -88,7 +93,7 @@ async def stream_sse(
                     log.error("stream failed (request id %s)", request.get(REQUEST_ID), exc_info=item)
                 await response.write(encode_event(error_event(item, request.get(REQUEST_ID, "-"))))
                 return response
-            await response.write(encode_event(item))
+            await response.write(encode_event(item, named=named_events))
             item = await _next_or_ping(queue, response, ping_interval)
         if done_marker:
             await response.write(encode_event("[DONE]"))

@@ -168,6 +168,112 @@ class Completion(_Header):
     usage: Usage | None = Field(None, description="Always present outside streams.")
 
 
+# -------------------------------------------------------------------------------------- responses API
+
+
+class ResponseOutputText(_Body):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] = Field(description="Always empty: no hosted tool cites sources here.")
+    logprobs: list[dict[str, Any]] = Field(description="Token logprobs, with include message.output_text.logprobs.")
+
+
+class ResponseOutputMessage(_Body):
+    id: str
+    type: Literal["message"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[ResponseOutputText]
+
+
+class ResponseFunctionCall(_Body):
+    id: str
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str = Field(description="What the client's function_call_output names.")
+    name: str
+    arguments: str = Field(description="Compact JSON text.")
+
+
+class ResponseInputTokensDetails(_Body):
+    cached_tokens: int = Field(description="Input tokens the instance already held in its KV cache.")
+    cache_write_tokens: int = Field(description="Input tokens evaluated now (and held for the next turn).")
+
+
+class ResponseOutputTokensDetails(_Body):
+    reasoning_tokens: int
+
+
+class ResponseUsage(_Body):
+    input_tokens: int
+    input_tokens_details: ResponseInputTokensDetails
+    output_tokens: int
+    output_tokens_details: ResponseOutputTokensDetails
+    total_tokens: int
+
+
+class ResponseError(_Body):
+    code: str
+    message: str
+
+
+class ResponseObject(_Body):
+    """A Response: what POST /v1/responses answers and GET /v1/responses/{id} returns."""
+
+    id: str = Field(description="resp_...")
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    background: Literal[False]
+    error: ResponseError | None
+    incomplete_details: dict[str, Any] | None = Field(description="{reason: max_output_tokens} when incomplete.")
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: None
+    model: str = Field(description="The model id the request named.")
+    output: list[ResponseOutputMessage | ResponseFunctionCall]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    prompt_cache_key: str | None
+    reasoning: dict[str, Any]
+    safety_identifier: str | None
+    service_tier: str
+    store: bool
+    temperature: float | None
+    text: dict[str, Any] = Field(description="{format: {type: text | json_object | json_schema, ...}}")
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int | None
+    top_p: float | None
+    truncation: Literal["auto", "disabled"]
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, str]
+
+
+class ResponseStreamEvent(_Body):
+    """One typed event of a streamed Response (response.created, response.output_text.delta, ...,
+    response.completed); its other fields are those of its type in OpenAI's API."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int = Field(description="0, 1, 2, ... in the order sent.")
+
+
+class ResponseInputItemList(_Body):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="Input items (message, function_call, function_call_output, ...).")
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseDeleted(_Body):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: Literal[True]
+
+
 # ------------------------------------------------------------------------------------------- embeddings
 
 
