@@ -138,11 +138,11 @@ async def test_a_full_database_is_an_error_and_keeps_what_was_stored(store: Resp
     await store.save(stored("resp_1", clock.wall()), KEEP_ALL)
 
     def fill_up() -> None:  # what a full disk looks like to SQLite: no page can be added
-        db = store._db()  # noqa: SLF001
+        db = store._db()
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {pages}")
 
-    await store._run(fill_up)  # noqa: SLF001 - on the store's own thread and connection
+    await store._run(fill_up)  # on the store's own thread and connection
     big = stored("resp_big", clock.wall(), ChatMessage("user", "x" * 200_000))
     with pytest.raises(ResponseStoreError, match="full"):
         await store.save(big, KEEP_ALL)
