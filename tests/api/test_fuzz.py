@@ -17,7 +17,7 @@ FAKE_MODELS = {
     "emb": {"task": "embedding", "engine": "fake"},
     "stt": {"task": "speech-to-text", "engine": "fake"},
 }
-EXAMPLES = {"POST": 12, "GET": 3}  # per operation and mode: the suite stays well under a minute
+EXAMPLES = {"POST": 12, "GET": 3, "DELETE": 3}  # per operation and mode: the suite stays well under a minute
 
 
 def report(findings: list[Finding]) -> str:
@@ -25,8 +25,9 @@ def report(findings: list[Finding]) -> str:
 
 
 @pytest.fixture(scope="module")
-def fake_daemon() -> Iterator[DaemonThread]:
-    with DaemonThread(make_config(FAKE_MODELS, concurrency=4)) as daemon:
+def fake_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
+    state = tmp_path_factory.mktemp("state")  # where the Responses API stores what it is sent
+    with DaemonThread(make_config(FAKE_MODELS, concurrency=4, cache_dir=str(state))) as daemon:
         yield daemon
 
 
@@ -44,7 +45,7 @@ def test_every_route_survives_fuzzing_on_the_fake_engine(fake_daemon: DaemonThre
             model_ids=list(FAKE_MODELS),
         )
         fuzzed += 1
-    assert fuzzed == 18  # every route: 7 under each of the two API prefixes, and /, /health, /metrics, /openapi.json
+    assert fuzzed == 26  # every route: 11 under each of the two API prefixes, and /, /health, /metrics, /openapi.json
     assert not findings, report(findings)
     health = fake_daemon_status(fake_daemon)
     for model_id, model in health["models"].items():

@@ -4,6 +4,7 @@ the SQLite store across an app restart, and what is refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
+from lllmsd.api.keys import RUNTIME
 from lllmsd.config import DaemonConfig
 from lllmsd.core.jobs import Feature
 from lllmsd.engines.fake import FakeEngine
+from tests.api.probe import Probe, eventually
 from tests.conftest import AppFactory, fake_model, make_config, sdk
 
 PREFIXES = ["/v1", "/openai/v1"]
@@ -56,7 +59,10 @@ async def daemon(start_app: AppFactory, tmp_path: Path) -> TestClient:
 
 
 def stored_ids(tmp_path: Path) -> list[str]:
-    with sqlite3.connect(tmp_path / "responses.sqlite3") as db:
+    """The ids in the database file, oldest first (none when the daemon never opened it)."""
+    if not (tmp_path / "responses.sqlite3").exists():
+        return []
+    with contextlib.closing(sqlite3.connect(tmp_path / "responses.sqlite3")) as db:
         return [row[0] for row in db.execute("SELECT id FROM responses ORDER BY created_at")]
 
 
@@ -159,7 +165,7 @@ async def test_store_false_leaves_no_row_and_cannot_be_retrieved_or_chained(daem
             await api.responses.create(model="chat", input="next", previous_response_id=response.id)
     assert chained.value.body["param"] == "previous_response_id"  # type: ignore[index]
     assert chained.value.body["code"] == "response_not_found"  # type: ignore[index]
-    assert not (tmp_path / "responses.sqlite3").exists() or stored_ids(tmp_path) == []
+    assert stored_ids(tmp_path) == []
 
 
 async def test_the_store_default_comes_from_the_config(start_app: AppFactory, tmp_path: Path) -> None:
@@ -427,6 +433,24 @@ async def test_the_sdk_stream_helper_gives_the_final_response(daemon: TestClient
     assert again.output_text == "streamed words here"
 
 
+async def test_a_client_that_leaves_mid_stream_stops_the_engine_within_one_token(
+    start_app: AppFactory, tmp_path: Path
+) -> None:
+    probe = Probe()
+    config = responses_config(tmp_path, models={"chat": fake_model(token_delay=0.01)})
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    long_text = " ".join(f"w{i}" for i in range(2000))
+    response = await client.post("/v1/responses", json={"model": "chat", "input": long_text, "stream": True})
+    for _ in range(12):  # into the text deltas
+        await response.content.readline()
+    response.close()
+    runtime = client.app[RUNTIME]
+    await eventually(lambda: probe.active == 0 and [i.state.value for i in runtime.pools["chat"].instances] == ["idle"])
+    assert probe.events_after_cancel <= 1
+    assert runtime.pools["chat"].instances[0].cached_tokens < 100  # it stopped long before the 2000 words
+    assert stored_ids(tmp_path) == []  # a response nobody saw completed is not stored
+
+
 async def test_max_output_tokens_streamed_ends_with_response_incomplete(daemon: TestClient) -> None:
     body = {"model": "chat", "input": "one two three", "stream": True, "max_output_tokens": 1}
     events = await read_sse(await daemon.post("/v1/responses", json=body))
@@ -449,7 +473,7 @@ async def test_a_failure_mid_stream_is_an_error_event_then_response_failed(
     assert failed["status"] == "failed"
     assert failed["error"]["message"]
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
-    assert not (tmp_path / "responses.sqlite3").exists() or stored_ids(tmp_path) == []
+    assert stored_ids(tmp_path) == []
     # the daemon goes on serving
     after = await client.post("/v1/responses", json={"model": "chat", "input": "x"})
     assert after.status == 200
