@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,6 +81,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 
 async def get_response(request: web.Request) -> web.Response:
+    if request.query.get("stream", "false").lower() not in ("false", "0"):
+        raise InvalidRequest(
+            "streaming a stored response is for background responses, which lllmsd does not offer",
+            param="stream",
+            code="unsupported_parameter",
+        )
     stored = await _find(request)
     return web.json_response(stored.response)
 
@@ -151,23 +158,28 @@ async def _start_fitting(
         events = instance.generate(job)
         try:
             first = await anext(events, None)
-        except ContextLengthExceeded as exc:
+        except BaseException as exc:
             await events.aclose()
-            smaller = turn.truncated() if turn.request.truncation == "auto" else None
+            if not isinstance(exc, LllmsdError):
+                raise
+            if not isinstance(exc, ContextLengthExceeded) or turn.request.truncation != "auto":
+                raise in_responses_terms(exc) from None
+            # drop the share of the history the excess is of the prompt (at least one message): a long
+            # chain fits in a few tries, not one engine call per message
+            excess = max(exc.prompt_tokens - exc.context_size, 1) / max(exc.prompt_tokens, 1)
+            smaller = turn.truncated(math.ceil(turn.kept_history * excess))
             if smaller is None:
                 raise in_responses_terms(exc) from None
             log.info(
-                "response on %s: the input needs %d tokens, the context holds %d: truncation auto drops the "
-                "oldest message",
+                "response on %s: the input needs %d tokens, the context holds %d: truncation auto leaves out "
+                "the %d oldest messages",
                 instance.model_id,
                 exc.prompt_tokens,
                 exc.context_size,
+                smaller.dropped,
             )
             turn, job = smaller, smaller.to_job(config)
             continue
-        except LllmsdError as exc:
-            await events.aclose()
-            raise in_responses_terms(exc) from None
         return turn, job, _prepend(first, events)
 
 

@@ -118,6 +118,9 @@ class ResponseStore:
             log.error("response store %s: %s", self.path, reason)
             self._drop_connection()  # a corrupt or replaced file: start afresh on the next call
             raise ResponseStoreError(f"the response store ({self.path}) cannot be used: {reason}") from None
+        except (ValueError, KeyError) as exc:  # a row whose JSON is not what this module wrote
+            log.error("response store %s: unreadable row: %s", self.path, exc)
+            raise ResponseStoreError(f"the response store ({self.path}) holds an unreadable row: {exc}") from None
         except OSError as exc:  # the folder cannot be created
             log.error("response store %s: %s", self.path, exc)
             raise ResponseStoreError(f"the response store ({self.path}) cannot be used: {exc.strerror}") from None

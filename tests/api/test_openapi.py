@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from lllmsd.api.openapi import REF, build_document, undocumented_routes
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
+from lllmsd.api.schemas.responses import ResponseCreateRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
 from lllmsd.app import create_app
 from tests.conftest import AppFactory, fake_model, make_config
@@ -119,6 +120,7 @@ def test_conformance_rejects_a_response_that_breaks_its_schema() -> None:
         ("/v1/chat/completions", ChatCompletionRequest),
         ("/v1/completions", CompletionRequest),
         ("/v1/embeddings", EmbeddingRequest),
+        ("/v1/responses", ResponseCreateRequest),
     ],
 )
 async def test_request_schemas_are_the_validating_models(daemon: TestClient, path: str, model: type) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -487,7 +488,10 @@ async def test_an_error_before_the_first_event_is_an_http_status(start_app: AppF
     assert_error(await raw.json(), "input", "context_length_exceeded")
 
 
-async def test_truncation_auto_drops_the_oldest_items_until_it_fits(start_app: AppFactory, tmp_path: Path) -> None:
+async def test_truncation_auto_drops_the_oldest_items_until_it_fits(
+    start_app: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lllmsd.api.responses")
     client = await start_app(responses_config(tmp_path, models={"chat": fake_model(context_size=20)}))
     async with sdk(client) as api:
         first = await api.responses.create(model="chat", input="a b c d e f g h")  # 10 + 8 tokens
@@ -500,6 +504,7 @@ async def test_truncation_auto_drops_the_oldest_items_until_it_fits(start_app: A
     assert fitted.usage is not None
     # the first user message went: <assistant> a ... h <user> i j <assistant>
     assert fitted.usage.input_tokens == 13
+    assert "leaves out the 1 oldest messages" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -538,6 +543,13 @@ async def test_what_lllmsd_does_not_offer_is_a_400_naming_it(
     error = assert_error(await raw.json(), param)
     if error["code"] == "unsupported_parameter":
         assert "lllmsd" in error["message"]
+
+
+async def test_streaming_a_stored_response_is_refused_naming_stream(daemon: TestClient) -> None:
+    created = await (await daemon.post("/v1/responses", json={"model": "chat", "input": "hi"})).json()
+    raw = await daemon.get(f"/v1/responses/{created['id']}", params={"stream": "true"})
+    assert raw.status == 400
+    assert_error(await raw.json(), "stream", "unsupported_parameter")
 
 
 async def test_refusals_reach_the_sdk_as_bad_requests(daemon: TestClient) -> None:

@@ -407,12 +407,18 @@ class ResponseTurn:
         system = (ChatMessage("system", self.request.instructions),) if self.request.instructions else ()
         return (*system, *self.conversation[self.dropped :])
 
-    def truncated(self) -> ResponseTurn | None:
-        """This turn with the oldest conversation message dropped, or None when only this turn's own
-        input is left (dropping more would answer a different question)."""
+    def truncated(self, count: int = 1) -> ResponseTurn | None:
+        """This turn with ``count`` more of the oldest conversation messages dropped, or None when only
+        this turn's own input is left (dropping that would answer a different question)."""
         if self.dropped >= len(self.history):
             return None
-        return ResponseTurn(self.request, self.history, self.new_messages, self.input_items, self.dropped + 1)
+        dropped = min(len(self.history), self.dropped + max(count, 1))
+        return ResponseTurn(self.request, self.history, self.new_messages, self.input_items, dropped)
+
+    @property
+    def kept_history(self) -> int:
+        """Messages of the stored chain still shown to the model."""
+        return len(self.history) - self.dropped
 
     def to_job(self, config: Any) -> ChatJob:
         body = self.request
