@@ -179,3 +179,45 @@ async def test_structured_output_streaming_and_limits(start_app: AppFactory, tmp
         with pytest.raises(openai.BadRequestError) as refused:
             await api.responses.create(model="smol", input="hi", tools=[{"type": "web_search"}])
         assert refused.value.body["param"] == "tools[0].type"  # type: ignore[index]
+
+
+async def test_an_openai_agents_agent_with_a_function_tool_completes_on_smollm2(
+    start_app: AppFactory, tmp_path: Path
+) -> None:
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
+    from agents.items import ToolCallOutputItem
+
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        cities.append(city)
+        return f"It is sunny and 24 C in {city}."
+
+    client = await start_app(smol_config(tmp_path))
+    async with sdk(client) as api:
+        agent = Agent(
+            name="weather",
+            instructions="You answer questions about the weather. Use the tool.",
+            tools=[get_weather],
+            model=OpenAIResponsesModel(model="smol", openai_client=api),
+            # required: SmolLM2 is too small to decide on its own; the SDK resets it to auto after a call
+            model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=256),
+        )
+        for chained in (False, True):
+            cities.clear()
+            result = await Runner.run(
+                agent,
+                "What is the weather in Paris?",
+                run_config=RunConfig(tracing_disabled=True),
+                max_turns=4,
+                auto_previous_response_id=chained,
+            )
+            assert cities
+            assert all(isinstance(city, str) and city for city in cities)
+            outputs = [item.output for item in result.new_items if isinstance(item, ToolCallOutputItem)]
+            assert outputs
+            assert all("sunny" in output for output in outputs)
+            assert isinstance(result.final_output, str)
+            assert result.final_output.strip()
