@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
 from lllmsd.config import DaemonConfig, parse_config
+from tests.api.test_responses import read_sse
 from tests.conftest import AppFactory, sdk
 from tests.engines.conftest import TEXT_MODELS
 
@@ -176,9 +177,37 @@ async def test_structured_output_streaming_and_limits(start_app: AppFactory, tmp
         assert "".join(deltas) == final.output_text
         assert (await api.responses.retrieve(final.id)).output_text == final.output_text
 
+        items = [item async for item in api.responses.input_items.list(final.id)]
+        assert [(i.type, i.role, i.content[0].text) for i in items] == [("message", "user", "Say hello.")]  # type: ignore[union-attr]
+        await api.responses.delete(final.id)
+        with pytest.raises(openai.NotFoundError):
+            await api.responses.retrieve(final.id)
+
         with pytest.raises(openai.BadRequestError) as refused:
             await api.responses.create(model="smol", input="hi", tools=[{"type": "web_search"}])
         assert refused.value.body["param"] == "tools[0].type"  # type: ignore[index]
+
+    raw = await client.post(
+        "/v1/responses", json={"model": "smol", "input": "Say hi.", "stream": True, "max_output_tokens": 8}
+    )
+    events = await read_sse(raw)
+    names = [name for name, _ in events]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert all(name == data["type"] for name, data in events)
+    deltas = names.count("response.output_text.delta")
+    assert deltas >= 1
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        names[-1],
+    ]
+    assert names[-1] in ("response.completed", "response.incomplete")
 
 
 async def test_an_openai_agents_agent_with_a_function_tool_completes_on_smollm2(
