@@ -44,13 +44,12 @@ class ResponseRenderer:
         request: ResponseCreateRequest,
         job: ChatJob,
         *,
-        response_id: str | None = None,
         stored: bool,
         created_at: float | None = None,
     ) -> None:
         self.request = request
         self.job = job
-        self.id = response_id or new_id("resp")
+        self.id = new_id("resp")
         self.created_at = int(created_at if created_at is not None else time.time())
         self.stored = stored
         self.output: list[dict[str, Any]] = []
