@@ -20,13 +20,8 @@ from pydantic import TypeAdapter
 from lllmsd.api.keys import MODEL, RESPONSE_STORE, RUNTIME
 from lllmsd.api.metrics import observe_generation
 from lllmsd.api.middleware import read_json
-from lllmsd.api.schemas.responses import (
-    InputItem,
-    ResponseCreateRequest,
-    ResponseTurn,
-    in_responses_terms,
-    items_to_messages,
-)
+from lllmsd.api.schemas.response_items import InputItem, items_to_messages
+from lllmsd.api.schemas.responses import ResponseCreateRequest, ResponseTurn, in_responses_terms
 from lllmsd.api.schemas.responses_output import ResponseRenderer, response_events
 from lllmsd.api.sse import stream_sse
 from lllmsd.core.instance import ModelInstance

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from lllmsd.api.schemas.responses import ResponseCreateRequest, in_responses_terms, items_to_messages
+from lllmsd.api.schemas.response_items import items_to_messages
+from lllmsd.api.schemas.responses import ResponseCreateRequest, in_responses_terms
 from lllmsd.core.jobs import ChatMessage, ToolCall
 from lllmsd.errors import ContextLengthExceeded, UnsupportedParameter
 

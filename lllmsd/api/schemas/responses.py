@@ -6,7 +6,8 @@ calls and their outputs, and a ``previous_response_id`` prepends the stored conv
 turns the request and the stored history into a ``ResponseTurn``: the ``ChatJob`` every text engine
 already runs (so the pool's context affinity routes a chained request to the instance that holds the
 conversation, and every engine refuses what it cannot honour exactly as for chat), plus the input items
-as they are stored and listed. Rendering the answer is in responses_output.py.
+as they are stored and listed. The input items are in response_items.py, rendering the answer in
+responses_output.py.
 
 What lllmsd does not offer is refused before anything runs, with a 400 that names the parameter and says
 so (``UNOFFERED``, hosted tools, image and file inputs): nothing a client asked for is silently ignored.
@@ -15,15 +16,15 @@ Unknown fields are refused like every wire request's.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lllmsd.api.schemas.common import WireRequest
 from lllmsd.api.schemas.json_schema import SchemaBudget
+from lllmsd.api.schemas.response_items import InputItem, MessageItem, input_item_record, items_to_messages
 from lllmsd.api.schemas.text import (
     MAX_INT32,
     MAX_TOOLS,
@@ -32,7 +33,7 @@ from lllmsd.api.schemas.text import (
     _check_max_tokens,
     _check_prompt_chars,
 )
-from lllmsd.core.jobs import ChatJob, ChatMessage, ResponseFormat, ToolCall, ToolSpec
+from lllmsd.core.jobs import ChatJob, ChatMessage, ResponseFormat, ToolSpec
 from lllmsd.errors import InvalidRequest, LllmsdError
 
 # Known Responses parameters that lllmsd does not offer, and why (a 400 naming them when they are set).
@@ -57,99 +58,6 @@ INCLUDABLE = {
     "reasoning.encrypted_content",  # nothing is encrypted here: reasoning, where produced, is sent in clear
 }
 MAX_METADATA = 16  # OpenAI's limits: 16 pairs, keys of 64 and values of 512 characters
-
-
-def new_id(prefix: str) -> str:
-    """``resp_...``, ``msg_...``, ``fc_...``: OpenAI's id shapes (a prefix and 48 hex digits)."""
-    return f"{prefix}_{secrets.token_hex(24)}"
-
-
-# --------------------------------------------------------------------------------------- input items
-
-
-class InputText(WireRequest):
-    type: Literal["input_text"]
-    text: str
-    prompt_cache_breakpoint: dict[str, Any] | None = None  # accepted: caching here is automatic
-
-
-class OutputText(WireRequest):
-    type: Literal["output_text"]
-    text: str
-    annotations: list[dict[str, Any]] = Field(default_factory=list)
-    logprobs: list[dict[str, Any]] | None = None
-
-
-class Refusal(WireRequest):
-    type: Literal["refusal"]
-    refusal: str
-
-
-ContentPart = Annotated[InputText | OutputText | Refusal, Field(discriminator="type")]
-Status = Literal["in_progress", "completed", "incomplete"]
-
-
-class MessageItem(WireRequest):
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[ContentPart]
-    id: str | None = None
-    status: Status | None = None
-    phase: Literal["commentary", "final_answer"] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.refusal if isinstance(p, Refusal) else p.text for p in self.content)
-
-
-class FunctionCallItem(WireRequest):
-    type: Literal["function_call"]
-    call_id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    arguments: str
-    id: str | None = None
-    status: Status | None = None
-    namespace: str | None = None
-
-
-class FunctionCallOutputItem(WireRequest):
-    type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1)
-    output: str | list[InputText]
-    id: str | None = None
-    status: Status | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
-
-
-class ReasoningItem(WireRequest):
-    """An earlier reasoning item sent back as it came. Not shown to the model again (as OpenAI drops
-    reasoning from the context of later turns); kept in the stored input items."""
-
-    type: Literal["reasoning"]
-    id: str | None = None
-    summary: list[dict[str, Any]] = Field(default_factory=list)
-    content: list[dict[str, Any]] | None = None
-    encrypted_content: str | None = None
-    status: Status | None = None
-
-
-def _item_type(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("type", "message")
-    return getattr(value, "type", None)
-
-
-InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")]
-    | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")],
-    Discriminator(_item_type),
-]
 
 
 # ------------------------------------------------------------------------------ tools, text, reasoning
@@ -269,7 +177,7 @@ class ResponseCreateRequest(SamplingWire):
 
     def turn(self, history: tuple[ChatMessage, ...] = ()) -> ResponseTurn:
         """This request after ``history`` (the stored chain of ``previous_response_id``, if any)."""
-        items = [self.input_item_record(item) for item in self._input_items()]
+        items = [input_item_record(item) for item in self._input_items()]
         new_messages = items_to_messages(self._input_items(), history)
         return ResponseTurn(request=self, history=history, new_messages=new_messages, input_items=items)
 
@@ -277,28 +185,6 @@ class ResponseCreateRequest(SamplingWire):
         if isinstance(self.input, str):
             return [MessageItem(role="user", content=self.input)] if self.input else []
         return list(self.input)
-
-    @staticmethod
-    def input_item_record(item: Any) -> dict[str, Any]:
-        """An input item as GET .../input_items lists it: with an id and status, message content as parts."""
-        if isinstance(item, MessageItem):
-            part_type = "output_text" if item.role == "assistant" else "input_text"
-            parts = (
-                [{"type": part_type, "text": item.content, **({"annotations": []} if item.role == "assistant" else {})}]
-                if isinstance(item.content, str)
-                else [p.model_dump(exclude_none=True) for p in item.content]
-            )
-            return {
-                "id": item.id or new_id("msg"),
-                "type": "message",
-                "role": item.role,
-                "content": parts,
-                "status": item.status or "completed",
-            }
-        record = item.model_dump(exclude_none=True, by_alias=True)
-        record.setdefault("id", item.id or new_id({"function_call": "fc", "reasoning": "rs"}.get(item.type, "fco")))
-        record.setdefault("status", "completed")
-        return record
 
     def check_schemas(self) -> None:
         budget = SchemaBudget()
@@ -361,30 +247,6 @@ def refuse_unoffered(data: Mapping[str, Any]) -> None:
 
 def _unoffered(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="unsupported_parameter")
-
-
-def items_to_messages(items: Iterable[Any], before: tuple[ChatMessage, ...] = ()) -> tuple[ChatMessage, ...]:
-    """Input (or output) items as chat messages, after the messages ``before`` them. Function calls join
-    the assistant message they follow (one assistant turn with its text and its calls, as chat templates
-    render it); a function's output is a tool message. Reasoning items are not shown to the model."""
-    messages: list[ChatMessage] = []
-    names = {c.id: c.name for m in before for c in m.tool_calls}
-    for item in items:
-        if isinstance(item, MessageItem):
-            role = "system" if item.role == "developer" else item.role
-            messages.append(ChatMessage(role=role, content=item.text()))
-        elif isinstance(item, FunctionCallItem):
-            call = ToolCall(item.call_id, item.name, item.arguments)
-            names[item.call_id] = item.name
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant":
-                messages[-1] = ChatMessage("assistant", last.content or None, tool_calls=(*last.tool_calls, call))
-            else:
-                messages.append(ChatMessage("assistant", None, tool_calls=(call,)))
-        elif isinstance(item, FunctionCallOutputItem):
-            name = item.name or names.get(item.call_id)
-            messages.append(ChatMessage("tool", item.text(), name=name, tool_call_id=item.call_id))
-    return tuple(messages)
 
 
 @dataclass(frozen=True)

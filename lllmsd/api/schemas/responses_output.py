@@ -21,12 +21,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from lllmsd.api.schemas.response_items import new_id
 from lllmsd.api.schemas.responses import (
     FunctionToolWire,
     ResponseCreateRequest,
     TextFormatJsonSchema,
     ToolChoiceFunction,
-    new_id,
 )
 from lllmsd.core.jobs import ChatJob, ChoiceEnd, GenerationEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
 from lllmsd.errors import LllmsdError
