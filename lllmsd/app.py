@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import audio, embeddings, models, status, text
+from lllmsd.api import audio, embeddings, models, speech, status, text
 from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
@@ -72,3 +72,4 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/embeddings", embeddings.embeddings)
         app.router.add_post(f"{prefix}/audio/transcriptions", audio.transcriptions)
         app.router.add_post(f"{prefix}/audio/translations", audio.translations)
+        app.router.add_post(f"{prefix}/audio/speech", speech.speech)

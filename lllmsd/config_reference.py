@@ -24,6 +24,7 @@ from lllmsd.config import (
     ListenConfig,
     ModelBase,
     PreloadConfig,
+    VoiceConfig,
 )
 from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
@@ -37,6 +38,7 @@ def sections(engines: EngineRegistry) -> list[tuple[str, type[BaseModel], type[B
         ("`models.<id>.completion_defaults`", CompletionDefaults, None),
         ("`models.<id>.preload`", PreloadConfig, None),
         ("`models.<id>.device`", DeviceConfig, None),
+        ("`models.<id>.voices.<name>`", VoiceConfig, None),
     ]
     names = sorted(engines, key=lambda name: name == "fake")  # the test engine after the real ones
     return shared + [(f"`engine: {name}`", engines[name].config_class, ModelBase) for name in names]
@@ -76,6 +78,8 @@ def _default(field: FieldInfo) -> str:
         value: Any = field.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
             return "see below" if value.model_dump(exclude_defaults=True) == {} else "…"
+        if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            return "see meaning"
     elif field.default is PydanticUndefined:
         return "required"
     else:
