@@ -19,6 +19,9 @@ from lllmsd.core.sentences import split_sentences
 from lllmsd.errors import InvalidRequest
 
 MAX_INPUT_CHARS = 4096  # OpenAI's limit
+# Bytes of audio per SSE event at most: a format sent whole (wav) would otherwise be one event of
+# megabytes, more than SSE readers take on one line (aiohttp's limit is 512 KiB).
+SSE_DELTA_BYTES = 32 * 1024
 SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 
 CONTENT_TYPES: dict[str, str] = {
@@ -100,7 +103,8 @@ async def sse_events(events: AsyncIterator[SpeechAudio], characters: int) -> Asy
     seconds = 0.0
     async for event in events:
         seconds += event.seconds
-        if event.data:
-            yield {"type": "speech.audio.delta", "audio": base64.b64encode(event.data).decode("ascii")}
+        for start in range(0, len(event.data), SSE_DELTA_BYTES):
+            piece = event.data[start : start + SSE_DELTA_BYTES]
+            yield {"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode("ascii")}
     usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters, "seconds": round(seconds, 3)}
     yield {"type": "speech.audio.done", "usage": usage}
