@@ -4,7 +4,7 @@ An engine class is constructed once per model instance; the constructor loads th
 seconds) and ``close()`` frees them. Engines never see HTTP, OpenAI wire schemas or the pool.
 
 What an engine can do is declared once, on its class, and everything else reads that declaration:
-- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription), each one method of
+- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription, speech), each one method of
   the matching base class below. The model tasks it can be configured for follow from them.
 - ``features``: the optional parts of a job it honours (n, logprobs, tools, ...). Admission refuses a job
   that uses any other feature with a 400 naming the request parameter, before the request queues;
