@@ -177,9 +177,12 @@ async def test_the_first_audio_arrives_in_less_than_half_the_time_of_the_whole(c
 
 
 async def test_sse_through_the_sdk_with_streaming_response(client: TestClient) -> None:
-    async with sdk(client) as api, api.audio.speech.with_streaming_response.create(
-        model="piper", voice="alloy", input=TWO_SENTENCES, response_format="mp3", stream_format="sse"
-    ) as streamed:
+    async with (
+        sdk(client) as api,
+        api.audio.speech.with_streaming_response.create(
+            model="piper", voice="alloy", input=TWO_SENTENCES, response_format="mp3", stream_format="sse"
+        ) as streamed,
+    ):
         lines = [line async for line in streamed.iter_lines()]
     import json
 
