@@ -266,3 +266,37 @@ async def test_a_speaker_the_voice_does_not_have_fails_the_load_clearly() -> Non
     with pytest.raises(ModelUnavailable) as caught:
         await load_instance(piper(voices={"alloy": {"speaker": "maria"}}), isolation="thread")
     assert "voices.alloy.speaker" in caught.value.message
+
+
+async def test_a_voice_from_a_hub_repository_laid_out_like_piper_voices(
+    aiohttp_client: Any, hub: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both of the voice's files come through the store by pattern, and nothing of the other voice."""
+    from huggingface_hub import constants
+
+    from lllmsd.app import create_app
+    from lllmsd.core.store import ModelStore
+    from tests import hubserver
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 20)  # 63 MB: not in the fake hub's 1 KiB steps
+    monkeypatch.setattr(hubserver, "CHUNK", 1 << 20)
+    folder = model_path("piper-joe")
+    voice = "en/en_US/joe/medium/en_US-joe-medium.onnx"
+    hub.add("rhasspy/piper-voices", voice, (folder / "en_US-joe-medium.onnx").read_bytes())
+    hub.add("rhasspy/piper-voices", f"{voice}.json", (folder / "en_US-joe-medium.onnx.json").read_bytes())
+    hub.add("rhasspy/piper-voices", "de/de_DE/other/low/de_DE-other-low.onnx", b"not this one")
+    model = {
+        "task": "text-to-speech",
+        "engine": "piper",
+        "repo": "rhasspy/piper-voices",
+        "allow_patterns": [f"{voice}*"],
+        "device": {"threads": 1},
+        "prepare": "on-demand",
+    }
+    store = ModelStore(tmp_path, endpoint=hub.endpoint)
+    client = await aiohttp_client(create_app(make_config({"joe": model}), store=store, reap_interval=None))
+    response = await client.post("/v1/audio/speech", json={"model": "joe", "voice": "alloy", "input": "Hello."})
+    assert response.status == 200, await response.text()
+    assert decoded_seconds(await response.read(), "mp3")[0] > 0.3
+    fetched = sorted(p.name for p in tmp_path.rglob("*.onnx*"))
+    assert fetched == ["en_US-joe-medium.onnx", "en_US-joe-medium.onnx.json"]
