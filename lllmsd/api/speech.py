@@ -7,8 +7,9 @@ is still a proper status. A failure after that cannot change the status: the con
 the chunked body's final chunk, so the client sees an incomplete response, never a short file that
 looks whole. With ``stream_format: sse`` a failure is an error event, as in every other stream.
 
-A client that goes away is noticed at the next write, the next sentence: the engine stops there and the
-instance goes back to the pool.
+A client that goes away is noticed when its connection closes (``lllmsd serve`` cancels the handler), or
+at the latest at the next write: closing the event stream cancels the engine's call, which stops before
+its next sentence, and the instance goes back to the pool.
 """
 
 from __future__ import annotations
