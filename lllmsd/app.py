@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import audio, embeddings, models, responses, status, text
+from lllmsd.api import audio, embeddings, models, responses, speech, status, text
 from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import RESPONSE_STORE, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
@@ -80,3 +80,4 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/responses/{{response_id}}", responses.get_response)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", responses.delete_response)
         app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", responses.list_input_items)
+        app.router.add_post(f"{prefix}/audio/speech", speech.speech)

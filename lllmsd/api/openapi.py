@@ -29,6 +29,8 @@ from lllmsd.api.schemas import bodies as r
 from lllmsd.api.schemas.audio import TranscriptionRequest, TranslationRequest
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
 from lllmsd.api.schemas.responses import ResponseCreateRequest
+from lllmsd.api.schemas.speech import CONTENT_TYPES as SPEECH_CONTENT_TYPES
+from lllmsd.api.schemas.speech import SpeechRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,18 @@ _AUDIO_BODIES = (
     Body("text/plain", description=f"{_TEXT}: response_format text"),
     Body("application/x-subrip", description="SubRip subtitles: response_format srt"),
     Body("text/vtt", description="WebVTT subtitles: response_format vtt"),
+)
+_BINARY = {"type": "string", "format": "binary"}
+_SPEECH_BODIES = (
+    *(
+        Body(media, description=f"response_format {name}", schema=_BINARY)
+        for name, media in SPEECH_CONTENT_TYPES.items()
+    ),
+    Body(
+        _SSE,
+        description="With `stream_format: sse`: speech.audio.delta events, then speech.audio.done",
+        events=(r.SpeechAudioDelta, r.SpeechAudioDone),
+    ),
 )
 
 # (method, path below the API prefix, or the whole path for the daemon's own routes) -> what it does
@@ -176,6 +190,13 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             (Body(JSON, r.ResponseInputItemList),),
             errors=(400, 404, 500, 503),
             path_parameters=(("response_id", "A resp_... id."),),
+        ),
+        ("POST", "/audio/speech"): Operation(
+            "Speak text: the audio file, streamed sentence by sentence",
+            "audio",
+            _SPEECH_BODIES,
+            SpeechRequest,
+            errors=_GENERATION_ERRORS,
         ),
         ("GET", "/models"): Operation("List the configured models", "models", (Body(JSON, r.ModelList),)),
         ("GET", "/models/{model}"): Operation(

@@ -37,6 +37,7 @@ _REQUESTS = {
     JobKind.COMPLETION: "completions",
     JobKind.EMBEDDING: "embeddings",
     JobKind.TRANSCRIPTION: "audio transcriptions or translations",
+    JobKind.SPEECH: "speech",
 }
 
 

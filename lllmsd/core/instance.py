@@ -35,6 +35,8 @@ from lllmsd.core.jobs import (
     GenerationEvent,
     Job,
     Preload,
+    SpeechAudio,
+    SpeechJob,
     TextDelta,
     ToolCallDelta,
     TranscriptionEvent,
@@ -201,6 +203,12 @@ class ModelInstance:
 
     async def transcribe(self, job: TranscriptionJob) -> AsyncIterator[TranscriptionEvent]:
         async with contextlib.aclosing(self._stream("transcribe", job, self._budget())) as events:
+            async for event in events:
+                yield event
+
+    async def speak(self, job: SpeechJob) -> AsyncIterator[SpeechAudio]:
+        """The job's audio file, piece by piece as its sentences are synthesized and encoded."""
+        async with contextlib.aclosing(self._stream("speak", job, self._budget())) as events:
             async for event in events:
                 yield event
 

@@ -30,6 +30,7 @@ class ModelTask(str, enum.Enum):
     TEXT_COMPLETION = "text-completion"
     EMBEDDING = "embedding"
     SPEECH_TO_TEXT = "speech-to-text"
+    TEXT_TO_SPEECH = "text-to-speech"
 
 
 class JobKind(str, enum.Enum):
@@ -39,6 +40,7 @@ class JobKind(str, enum.Enum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     TRANSCRIPTION = "transcription"
+    SPEECH = "speech"
 
     @property
     def task(self) -> ModelTask:
@@ -51,6 +53,7 @@ _TASK_OF_KIND = {
     JobKind.COMPLETION: ModelTask.TEXT_COMPLETION,
     JobKind.EMBEDDING: ModelTask.EMBEDDING,
     JobKind.TRANSCRIPTION: ModelTask.SPEECH_TO_TEXT,
+    JobKind.SPEECH: ModelTask.TEXT_TO_SPEECH,
 }
 
 
@@ -276,7 +279,25 @@ class TranscriptionJob:
         return used
 
 
-Job = ChatJob | CompletionJob | EmbeddingJob | TranscriptionJob
+@dataclass(frozen=True, slots=True)
+class SpeechJob:
+    """Text to speak, already split into sentences by lllmsd (``core/sentences.py``), none longer than
+    the splitter's bound: an engine never sees a whole 4,096-character text at once, and the first
+    sentence can be heard before the second is synthesized."""
+
+    kind: ClassVar[JobKind] = JobKind.SPEECH
+
+    sentences: tuple[str, ...]
+    voice: str  # the voice name the client asked for, one the model's config lists
+    speaker: int | str | None = None  # that voice's speaker (id or name) in the model; None = its default
+    speed: float = 1.0
+    response_format: str = "mp3"  # mp3 | opus | aac | flac | wav | pcm: the engine encodes (engines/speech_encoder.py)
+
+    def features_used(self) -> list[FeatureUse]:
+        return []
+
+
+Job = ChatJob | CompletionJob | EmbeddingJob | TranscriptionJob | SpeechJob
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -477,3 +498,13 @@ class TranscriptInfo:
 
 
 TranscriptionEvent = TranscriptInfo | TranscriptSegment
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechAudio:
+    """The next bytes of a speech job's audio file, in its response format, and how many seconds of
+    speech were synthesized since the previous event. A format that cannot stream (wav) sends empty
+    ``data`` until its last event, which carries the whole file."""
+
+    data: bytes
+    seconds: float = 0.0

@@ -4,7 +4,7 @@ An engine class is constructed once per model instance; the constructor loads th
 seconds) and ``close()`` frees them. Engines never see HTTP, OpenAI wire schemas or the pool.
 
 What an engine can do is declared once, on its class, and everything else reads that declaration:
-- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription), each one method of
+- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription, speech), each one method of
   the matching base class below. The model tasks it can be configured for follow from them.
 - ``features``: the optional parts of a job it honours (n, logprobs, tools, ...). Admission refuses a job
   that uses any other feature with a 400 naming the request parameter, before the request queues;
@@ -44,11 +44,15 @@ from lllmsd.core.jobs import (
     JobKind,
     ModelTask,
     Preload,
+    SpeechAudio,
+    SpeechJob,
     TranscriptionEvent,
     TranscriptionJob,
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from lllmsd.config import ModelBase
 
 
@@ -132,3 +136,30 @@ class TranscriptionEngine(Engine):
 
     def transcribe(self, job: TranscriptionJob, cancel: threading.Event) -> Iterator[TranscriptionEvent]:
         raise NotImplementedError
+
+
+class SpeechEngine(Engine):
+    """Text to speech. ``synthesize`` yields each sentence's audio as soon as it is spoken; ``speak``, the
+    method the host calls, encodes it in the job's response format as it comes (engines/speech_encoder.py),
+    so the first sentence reaches the client while the next one is synthesized. Encoding runs here, beside
+    the engine (in its worker process), never on the daemon's event loop."""
+
+    serves: ClassVar[frozenset[JobKind]] = frozenset({JobKind.SPEECH})
+    sample_rate: int = 22050  # of the samples ``synthesize`` yields; set by the engine once its voice is loaded
+
+    def synthesize(self, job: SpeechJob, cancel: threading.Event) -> Iterator[np.ndarray]:
+        """16-bit mono samples (int16 arrays) at ``sample_rate``, one array per sentence or part of one."""
+        raise NotImplementedError
+
+    def speak(self, job: SpeechJob, cancel: threading.Event) -> Iterator[SpeechAudio]:
+        from lllmsd.engines.speech_encoder import SpeechEncoder  # PyAV: imported where speech is served
+
+        encoder = SpeechEncoder(job.response_format, self.sample_rate)
+        try:
+            for samples in self.synthesize(job, cancel):
+                if cancel.is_set():
+                    return
+                yield SpeechAudio(encoder.encode(samples), len(samples) / self.sample_rate)
+            yield SpeechAudio(encoder.finish())
+        finally:
+            encoder.close()

@@ -11,6 +11,9 @@ What it answers, so tests can assert it:
 - embeddings: unit vectors derived from a hash of the text (equal texts, equal vectors).
 - transcription: "fake transcript of N bytes" ("fake translation ..." for translations), in one segment,
   with its words spread evenly over the audio when word timestamps are asked for.
+- speech: a tone per sentence, ``FAKE_SPEECH_SECONDS_PER_CHAR`` seconds a character divided by the speed,
+  at 22,050 Hz, encoded like any engine's; ``token_delay`` is the time each sentence takes and
+  ``fail_after_tokens`` the number of sentences spoken before it fails.
 - best_of and suffix are honoured trivially: every candidate is the same, and the answer (the prompt's
   words) does not depend on what follows the prompt.
 - grammar, JSON response formats and logprobs of an echoed prompt are not among its declared features,
@@ -31,6 +34,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
+
 from lllmsd.config import FakeModelConfig
 from lllmsd.core.jobs import (
     ChatJob,
@@ -43,6 +48,7 @@ from lllmsd.core.jobs import (
     GenerationEvent,
     JobKind,
     Preload,
+    SpeechJob,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
@@ -54,11 +60,13 @@ from lllmsd.core.jobs import (
     TranscriptWord,
     Usage,
 )
-from lllmsd.engines.base import EmbeddingEngine, ModelFiles, TextEngine, TranscriptionEngine
+from lllmsd.engines.base import EmbeddingEngine, ModelFiles, SpeechEngine, TextEngine, TranscriptionEngine
 from lllmsd.errors import ContextLengthExceeded
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 256
+FAKE_SPEECH_SECONDS_PER_CHAR = 0.06  # about the pace of real speech
+FAKE_SPEECH_RATE = 22050
 
 
 class FakeEngineFailure(RuntimeError):
@@ -80,11 +88,12 @@ def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
     return tokens
 
 
-class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine):
+class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine):
     name = "fake"
     serves = frozenset(JobKind)
     features = frozenset(Feature) - {Feature.GRAMMAR, Feature.JSON_OUTPUT, Feature.ECHO_LOGPROBS}
     isolation = "thread"  # a test double, often subclassed inside a test: ``isolation: process`` to crash-test
+    sample_rate = FAKE_SPEECH_RATE
 
     def __init__(self, config: FakeModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
@@ -260,6 +269,24 @@ class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine):
         text = f"fake {'translation' if job.translate else 'transcript'} of {len(job.audio)} bytes"
         words = _timed_words(text, duration) if job.word_timestamps else ()
         yield TranscriptSegment(id=0, start=0.0, end=duration, text=text, words=words)
+
+    # ---------------------------------------------------------------------------------------- speech
+
+    def synthesize(self, job: SpeechJob, cancel: threading.Event) -> Iterator[np.ndarray]:
+        for index, sentence in enumerate(job.sentences):
+            if self.config.token_delay and cancel.wait(self.config.token_delay):
+                return
+            if cancel.is_set():
+                return
+            if self.config.fail_after_tokens is not None and index >= self.config.fail_after_tokens:
+                raise FakeEngineFailure(f"fake engine: failing after {index} sentences as configured")
+            yield _tone(len(sentence) * FAKE_SPEECH_SECONDS_PER_CHAR / job.speed, 200.0 + 40.0 * (index % 8))
+
+
+def _tone(seconds: float, frequency: float) -> np.ndarray:
+    """A sine tone at half of full scale, as 16-bit samples."""
+    t = np.arange(round(seconds * FAKE_SPEECH_RATE)) / FAKE_SPEECH_RATE
+    return (np.sin(2 * np.pi * frequency * t) * 16000).astype(np.int16)
 
 
 def _timed_words(text: str, duration: float) -> tuple[TranscriptWord, ...]:

@@ -28,6 +28,7 @@ from lllmsd.config import (
     Gpt4AllModelConfig,
     LlamaCppModelConfig,
     ModelBase,
+    PiperModelConfig,
     SentenceTransformersModelConfig,
 )
 from lllmsd.core.jobs import ModelTask
@@ -152,5 +153,6 @@ def builtin_engines() -> EngineRegistry:
                 "faster-whisper",
                 ("faster_whisper",),
             ),
+            EngineSpec("piper", ("lllmsd.engines.piper:PiperEngine",), PiperModelConfig, "piper", ("piper", "av")),
         )
     )

@@ -23,6 +23,7 @@ MODELS = {
     "chat": fake_model(),
     "emb": {"task": "embedding", "engine": "fake"},
     "stt": {"task": "speech-to-text", "engine": "fake"},
+    "tts": {"task": "text-to-speech", "engine": "fake"},
 }
 
 
@@ -235,6 +236,25 @@ async def test_audio_responses_conform(daemon: TestClient) -> None:
     assert events[-1]["type"] == "transcript.text.done"
     for event in events:
         spec.check_event("/v1/audio/transcriptions", event)
+
+
+async def test_speech_responses_conform(daemon: TestClient) -> None:
+    spec = Conformance(await document_of(daemon))
+    documented = spec.document["paths"]["/v1/audio/speech"]["post"]["responses"]["200"]["content"]
+    for fmt in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
+        response = await daemon.post(
+            "/v1/audio/speech", json={"model": "tts", "voice": "alloy", "input": "Hi.", "response_format": fmt}
+        )
+        assert response.status == 200
+        assert response.headers["Content-Type"] in documented
+        assert await response.read()
+    streamed = await daemon.post(
+        "/v1/audio/speech", json={"model": "tts", "voice": "alloy", "input": "Hi. Bye.", "stream_format": "sse"}
+    )
+    events = sse_events(await streamed.text())
+    assert [e["type"] for e in events][-1] == "speech.audio.done"
+    for event in events:
+        spec.check_event("/v1/audio/speech", event)
 
 
 @pytest.mark.parametrize(

@@ -234,4 +234,4 @@ def test_python_dash_m_runs_the_same_cli() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "3 models" in result.stdout
+    assert "4 models" in result.stdout

@@ -20,7 +20,7 @@ def test_lllmsd_config_check_passes(name: str, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a check that tried the network would fail here
     result = CliRunner().invoke(main, ["config", "check", "-c", str(ROOT / name)])
     assert result.exit_code == 0, result.output
-    assert "ok (3 models: smollm2, minilm, whisper-tiny-en)" in result.output
+    assert "ok (4 models: smollm2, minilm, whisper-tiny-en, piper-joe)" in result.output
 
 
 def test_the_hub_config_serves_the_same_models_from_the_hub() -> None:
@@ -40,3 +40,10 @@ def test_the_hub_config_serves_the_same_models_from_the_hub() -> None:
 def test_the_hub_config_keeps_its_example_key_commented_out() -> None:
     # the file is copied to /etc/lllmsd/config.yaml by make install-service: it must not ship a real key
     assert "api_keys" not in yaml.safe_load((ROOT / "config.hub.yaml").read_text())
+
+
+def test_the_hub_piper_voice_fetches_both_of_its_files() -> None:
+    hub = load_config(ROOT / "config.hub.yaml", environ={})
+    voice = hub.models["piper-joe"]
+    assert voice.repo == "rhasspy/piper-voices"
+    assert voice.allow_patterns == ["en/en_US/joe/medium/en_US-joe-medium.onnx*"]

@@ -368,6 +368,25 @@ class TranscriptTextDone(_Body):
     text: str
 
 
+class SpeechUsage(_Body):
+    input_tokens: int = Field(description="Characters of the input (speaking involves no tokenizer).")
+    output_tokens: int
+    total_tokens: int
+    seconds: float = Field(description="Seconds of audio produced.")
+
+
+class SpeechAudioDelta(_Body):
+    """A ``data:`` event of a speech stream (``stream_format: sse``): the next bytes of the audio file."""
+
+    type: Literal["speech.audio.delta"]
+    audio: str = Field(description="Base64 of the next bytes of the file in the response format.")
+
+
+class SpeechAudioDone(_Body):
+    type: Literal["speech.audio.done"]
+    usage: SpeechUsage
+
+
 # ----------------------------------------------------------------------------------------------- status
 
 
@@ -409,7 +428,7 @@ class PoolStatus(_Body):
 
 class ModelStatus(PoolStatus):
     engine: str
-    task: Literal["text-completion", "embedding", "speech-to-text"]
+    task: Literal["text-completion", "embedding", "speech-to-text", "text-to-speech"]
     serves: list[str] = Field(description="The kinds of request the model takes (chat, completion, ...).")
     features: list[str] = Field(description="The optional features its engine honours (n, logprobs, tools, ...).")
     state: Literal["busy", "ready", "loading", "error", "unloaded"]

@@ -46,7 +46,7 @@ from lllmsd.errors import LllmsdError
 
 log = logging.getLogger("lllmsd.worker")
 
-STREAMING = frozenset({"chat", "complete", "transcribe"})
+STREAMING = frozenset({"chat", "complete", "transcribe", "speak"})
 PR_SET_PDEATHSIG = 1
 
 

@@ -52,7 +52,7 @@ class Load:
 @dataclass(frozen=True, slots=True)
 class Call:
     call_id: int
-    method: str  # chat | complete | embed | transcribe
+    method: str  # chat | complete | embed | transcribe | speak
     job: Job
 
 
