@@ -30,6 +30,7 @@ from piper import PiperConfig, PiperVoice, SynthesisConfig
 from lllmsd.config import ModelBase, PiperModelConfig
 from lllmsd.core.jobs import SpeechJob
 from lllmsd.engines.base import ModelFiles, SpeechEngine
+from lllmsd.engines.tempo import change_tempo
 from lllmsd.errors import ModelUnavailable
 
 
@@ -65,16 +66,16 @@ class PiperEngine(SpeechEngine):
         voice = self.voice
         options = SynthesisConfig(
             speaker_id=self._speaker_id(job.speaker, "voice"),
-            length_scale=voice.config.length_scale / job.speed,
+            length_scale=voice.config.length_scale,  # speed is applied after: see engines/tempo.py
             noise_scale=self.config.noise_scale,
             noise_w_scale=self.config.noise_w_scale,
         )
-        silence = np.zeros(round(self.config.sentence_silence * self.sample_rate), dtype=np.int16)
+        silence = np.zeros(round(self.config.sentence_silence * self.sample_rate / job.speed), dtype=np.int16)
         for sentence in job.sentences:
             for chunk in voice.synthesize(sentence, syn_config=options):  # one chunk per sentence Piper finds
                 if cancel.is_set():
                     return
-                yield chunk.audio_int16_array
+                yield change_tempo(chunk.audio_int16_array, self.sample_rate, job.speed)
             if silence.size:
                 yield silence
             if cancel.is_set():
