@@ -58,13 +58,14 @@ class Plan:
 
 @dataclass(slots=True)
 class Outcome:
-    """How one choice ended: ``finish`` None means cancelled; ``tool_trigger`` asks for a tool-call rerun."""
+    """How one choice ended: ``finish`` None means cancelled; ``tool_trigger``: a tool call started in the
+    text, which went before it (the call goes on under the grammar from there)."""
 
     cached: int
     tokens: int = 0
     finish: str | None = None
     logprob_sum: float = 0.0
-    tool_trigger: bool = False
+    tool_trigger: str | None = None
 
 
 def seed_for(sampling: Sampling, choice: int) -> int:
