@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from lllmsd.core.jobs import ChatJob, ChatMessage, ResponseFormat, ToolSpec

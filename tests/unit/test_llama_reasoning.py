@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lllmsd.engines.llama_cpp.reasoning import ReasoningSplit
@@ -11,7 +13,7 @@ def split(text: str, cut: list[int], *, inside: bool = False) -> tuple[str, str]
     splitter = ReasoningSplit(inside=inside)
     reasoning = content = ""
     bounds = [0, *cut, len(text)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         r, c = splitter.feed(text[start:end])
         reasoning, content = reasoning + r, content + c
     r, c = splitter.flush()
@@ -46,4 +48,5 @@ def test_no_tag_ever_reaches_either_side_while_streaming() -> None:
     splitter = ReasoningSplit()
     for char in text:
         reasoning, content = splitter.feed(char)
-        assert "<" not in reasoning and "<" not in content
+        assert "<" not in reasoning
+        assert "<" not in content

@@ -55,11 +55,13 @@ def assemble(fragments: list[CallFragment]) -> list[tuple[str, str, str]]:
     calls: dict[int, list[str]] = {}
     for fragment in fragments:
         if fragment.index not in calls:
-            assert fragment.id is not None and fragment.name is not None, fragment
+            assert fragment.id is not None, fragment
+            assert fragment.name is not None, fragment
             assert fragment.index == len(calls)  # indexes come in order: 0, 1, ...
             calls[fragment.index] = [fragment.id, fragment.name, fragment.arguments]
         else:
-            assert fragment.id is None and fragment.name is None, fragment
+            assert fragment.id is None, fragment
+            assert fragment.name is None, fragment
             calls[fragment.index][2] += fragment.arguments
     return [tuple(c) for c in calls.values()]  # type: ignore[misc]
 
@@ -79,7 +81,8 @@ def test_two_calls_read_back_the_same_whatever_the_cuts(syntax: CallSyntax, live
     for pieces in cuts(data):
         fragments, end, _ = run(syntax, pieces, live=live)
         calls = assemble(fragments)
-        assert [(name, args) for _, name, args in calls] == [(PARIS[0], compact(PARIS[1])), (TOKYO[0], compact(TOKYO[1]))]
+        expected = [(PARIS[0], compact(PARIS[1])), (TOKYO[0], compact(TOKYO[1]))]
+        assert [(name, args) for _, name, args in calls] == expected
         assert calls[0][0] != calls[1][0]
         assert end == CallsEnd(end.fragments, "", "tool_calls")
 
@@ -125,7 +128,8 @@ def test_an_exact_repeat_is_dropped_and_stops_the_answer(syntax: CallSyntax, liv
     fragments, end, stopped = run(syntax, [data[i : i + 1] for i in range(len(data))], live=live)
     assert stopped
     assert [(n, a) for _, n, a in assemble(fragments)] == [(PARIS[0], compact(PARIS[1]))]
-    assert end.finish_reason == "tool_calls" and end.content == ""
+    assert end.finish_reason == "tool_calls"
+    assert end.content == ""
 
 
 @pytest.mark.parametrize("syntax", FAMILIES, ids=lambda s: s.family)
@@ -148,7 +152,8 @@ def test_a_repeat_cut_off_by_max_tokens_is_not_returned_and_the_answer_is_tool_c
 def test_a_complete_call_then_whitespace_at_max_tokens_is_tool_calls(syntax: CallSyntax) -> None:
     data = (syntax.calls_text([PARIS]) + "\n \n").encode()
     fragments, end, _ = run(syntax, [data], live=False, reason="length")
-    assert len(assemble(fragments)) == 1 and end.finish_reason == "tool_calls"
+    assert len(assemble(fragments)) == 1
+    assert end.finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("syntax", FAMILIES, ids=lambda s: s.family)
@@ -165,7 +170,8 @@ def test_a_truncated_second_call_that_differs_ends_with_length_after_the_first()
     fragments, end, _ = run(HERMES, [text.encode()], live=False, reason="length")
     assert [n for _, n, _ in assemble(fragments)] == ["get_weather"]
     assert end.finish_reason == "length"
-    assert end.content.startswith("<tool_call>") and "get_time" in end.content
+    assert end.content.startswith("<tool_call>")
+    assert "get_time" in end.content
     # streamed, the second call's start has been seen: it stays a (cut) call, and the answer is "length"
     fragments, end, _ = run(HERMES, [text.encode()], live=True, reason="length")
     assert [n for _, n, _ in assemble(fragments)] == ["get_weather", "get_time"]
@@ -192,7 +198,8 @@ def test_a_second_call_to_the_same_function_is_held_until_it_differs() -> None:
 def test_parallel_false_ends_the_answer_at_the_first_call() -> None:
     data = HERMES.calls_text([PARIS, TOKYO]).encode()
     fragments, end, stopped = run(HERMES, [data[i : i + 1] for i in range(len(data))], live=True, parallel=False)
-    assert stopped and [n for _, n, _ in assemble(fragments)] == ["get_weather"]
+    assert stopped
+    assert [n for _, n, _ in assemble(fragments)] == ["get_weather"]
     assert end.finish_reason == "tool_calls"
 
 
@@ -215,7 +222,8 @@ def test_malformed_output_becomes_content_with_stop(text: str) -> None:
 def test_an_unknown_function_becomes_content() -> None:
     text = HERMES.calls_text([("rm_rf", "{}")])
     fragments, end, stopped = run(HERMES, [text.encode()], live=True)
-    assert stopped and fragments == []
+    assert stopped
+    assert fragments == []
     assert (end.content, end.finish_reason) == (text, "stop")
 
 
@@ -223,7 +231,8 @@ def test_text_after_complete_calls_is_content_and_the_calls_stay() -> None:
     text = HERMES.calls_text([PARIS]) + "\nDone, I hope."
     fragments, end, _ = run(HERMES, [text.encode()], live=False)
     assert [n for _, n, _ in assemble(fragments)] == ["get_weather"]
-    assert end.content.strip() == "Done, I hope." and end.finish_reason == "tool_calls"
+    assert end.content.strip() == "Done, I hope."
+    assert end.finish_reason == "tool_calls"
 
 
 # --------------------------------------------------------------------------------------- the trigger
@@ -251,7 +260,8 @@ def test_llama3_calls_only_start_the_answer() -> None:
     assert "".join(watch.feed(c) for c in text) + watch.flush() == text
     assert watch.call_start is None
     watch = TriggerWatch(LLAMA3)
-    assert watch.feed('{"na') == "" and watch.feed("me?") + watch.flush() == '{"name?'
+    assert watch.feed('{"na') == ""
+    assert watch.feed("me?") + watch.flush() == '{"name?'
 
 
 # -------------------------------------------------------------------------------- grammar, detection
@@ -261,7 +271,8 @@ def test_llama3_calls_only_start_the_answer() -> None:
 def test_the_grammar_writes_the_family_syntax(syntax: CallSyntax) -> None:
     tools = (ToolSpec("get_weather", parameters={"type": "object"}), ToolSpec("get_time"))
     single, parallel = call_grammar(tools, syntax, False), call_grammar(tools, syntax, True)
-    assert single.startswith("root ::= ") and "call (" not in single.splitlines()[0]
+    assert single.startswith("root ::= ")
+    assert "call (" not in single.splitlines()[0]
     assert f"call ( {json.dumps(syntax.separator)} call )*" in parallel
     for grammar in (single, parallel):
         assert json.dumps(syntax.call_open + '{"name": "') in grammar
@@ -276,7 +287,7 @@ TEMPLATES = {
     "hermes": (HERMES_TEMPLATE, "hermes", True, False),
     "mistral": ("{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]", "mistral", True, False),
     "llama3.1": ('{% if tools %}<|start_header_id|>"parameters"{% endif %}<|python_tag|>', "llama3", True, False),
-    "llama3 no python tag": ('{% for t in tools %}<|start_header_id|> "parameters" {% endfor %}', "llama3", True, False),
+    "llama3 json": ('{% for t in tools %}<|start_header_id|> "parameters" {% endfor %}', "llama3", True, False),
     "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}", "generic", False, False),
     "deepseek-r1 distill": ("{% for m in messages %}{{ m.content }}{% endfor %}<think>\n", "generic", False, True),
 }
@@ -293,7 +304,8 @@ def test_the_family_is_detected_from_the_template(name: str) -> None:
 def test_tool_format_overrides_detection_and_a_template_without_tools_is_never_native() -> None:
     assert tool_format(HERMES_TEMPLATE, "mistral").family == "mistral"
     no_tools = "<tool_call> in a template that never reads the variable"
-    assert tool_format(no_tools).family == "hermes" and not tool_format(no_tools).native
+    assert tool_format(no_tools).family == "hermes"
+    assert not tool_format(no_tools).native
     assert not tool_format(None, "llama3").native
     assert set(SYNTAXES) == {"hermes", "llama3", "mistral", "generic"}
 
@@ -302,5 +314,6 @@ def test_instructions_name_every_tool_and_show_the_family_syntax() -> None:
     tools = (ToolSpec("get_weather", "Weather", {"type": "object"}), ToolSpec("get_time"))
     for syntax in FAMILIES:
         text = tool_instructions(tools, syntax)
-        assert '"name": "get_weather"' in text and '"name": "get_time"' in text
+        assert '"name": "get_weather"' in text
+        assert '"name": "get_time"' in text
         assert syntax.calls_text([("<function name>", "<arguments as a JSON object>")]) in text
