@@ -159,3 +159,16 @@ async def test_a_template_that_opens_think_starts_the_answer_in_reasoning(engine
     prompt = engines["think"]._prompt.render((ChatMessage("user", "hi"),), (), open_turn=True)
     assert prompt.thinking
     assert not engines["qwen3"]._prompt.render((ChatMessage("user", "hi"),), (), open_turn=True).thinking
+
+
+async def test_a_family_marker_that_is_a_control_token_is_shown_as_text(engines: dict[str, Any]) -> None:
+    # SmolLM2 has none of the families' markers as one token; its own <|im_start|> stands in for one
+    from lllmsd.engines.llama_cpp.sampling import Decoder
+
+    llama = engines["chatml"]._llama
+    token = llama.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    assert len(token) == 1
+    assert Decoder(llama)._piece(token[0]) == b""  # control tokens are invisible by default
+    assert Decoder(llama, ("<|im_start|>", "<tool_call>"))._piece(token[0]) == b"<|im_start|>"
+    assert engines["qwen3"]._prompt.tools.shown_markers == ("<think>", "</think>")
+    assert engines["mistral"]._prompt.tools.shown_markers == ("[TOOL_CALLS]",)

@@ -63,8 +63,8 @@ class LlamaCppTextEngine(TextEngine):
     def __init__(self, config: LlamaCppModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
         self._llama = load_llama(config, files, embedding=False)
-        self._decoder = Decoder(self._llama)
         self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
+        self._decoder = Decoder(self._llama, self._prompt.tools.shown_markers)
         self.context_size = self._decoder.context_size
 
     def close(self) -> None:

@@ -21,12 +21,12 @@ import re
 from dataclasses import dataclass
 
 from lllmsd.core.jobs import ToolSpec
+from lllmsd.engines.llama_cpp.reasoning import THINK_CLOSE, THINK_OPEN
 from lllmsd.engines.llama_cpp.tools.syntax import GENERIC, HERMES, LLAMA3, MISTRAL, SYNTAXES, CallSyntax
 
 AUTO = "auto"
 TOOL_FORMATS = (AUTO, *SYNTAXES)  # the config's tool_format values
 _READS_TOOLS = re.compile(r"\btools\b")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,11 @@ class ToolFormat:
     @property
     def family(self) -> str:
         return self.syntax.family
+
+    @property
+    def shown_markers(self) -> tuple[str, ...]:
+        """Texts the parsers must see even where the model has them as control tokens."""
+        return (*self.syntax.special_markers, *((THINK_OPEN, THINK_CLOSE) if self.thinks else ()))
 
 
 def detect_syntax(template: str | None) -> CallSyntax:
