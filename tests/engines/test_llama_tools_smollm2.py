@@ -160,3 +160,54 @@ async def test_a_call_cut_off_by_max_tokens_is_content_with_length(client: TestC
     assert not choice.message.tool_calls
     assert choice.message.content is not None
     assert choice.message.content.startswith("<tool_call>")
+
+
+def few_shot(question: str) -> list[dict[str, Any]]:
+    """Earlier turns in which the assistant called get_weather: SmolLM2 follows them in tool_choice auto
+    (without them it always answers in text)."""
+    messages: list[dict[str, Any]] = []
+    for i, (city, weather) in enumerate([("London", "Rainy"), ("Berlin", "Cloudy"), ("Rome", "Hot")]):
+        call = {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        messages += [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": weather},
+            {"role": "assistant", "content": f"It is {weather.lower()} in {city}."},
+        ]
+    return [*messages, {"role": "user", "content": question}]
+
+
+async def test_auto_lets_the_model_call_and_the_call_goes_on_under_the_grammar(client: TestClient) -> None:
+    # the few-shot calls give only a city: so does this tool
+    city_only = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": city_only}}
+    body = {"model": "smol", "messages": few_shot("What is the weather in Paris?"), "tools": [tool], "temperature": 0}
+    async with sdk(client) as api:
+        answer = await api.chat.completions.create(**body, tool_choice="auto", max_tokens=60)
+        stream = await api.chat.completions.create(**body, tool_choice="auto", max_tokens=60, stream=True)
+        chunks = [chunk async for chunk in stream]
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == [
+        ("get_weather", '{"city":"Paris"}')
+    ]
+    assert not any(c.choices[0].delta.content for c in chunks)  # the call's opening never leaks as text
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == '{"city":"Paris"}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+async def test_auto_answers_in_text_when_the_model_does(client: TestClient) -> None:
+    async with sdk(client) as api:
+        answer = await api.chat.completions.create(**request("Say hello.", "auto", max_tokens=20))
+    choice = answer.choices[0]
+    assert not choice.message.tool_calls
+    assert choice.message.content
+    assert "<tool_call>" not in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
