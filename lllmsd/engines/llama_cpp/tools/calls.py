@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lllmsd.engines.llama_cpp.tools.parse import ParsedCall, ParsedCalls, parse_calls
+from lllmsd.engines.llama_cpp.tools.parse import ArgumentScans, ParsedCall, ParsedCalls, parse_calls
 from lllmsd.engines.llama_cpp.tools.syntax import CallSyntax
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,13 @@ class CallTracker:
         self._new_id = new_id
         self.text = ""
         self.parsed = ParsedCalls()
+        self._scans: ArgumentScans = {}  # each call's arguments are scanned once, across feeds
         self._out: list[_Out] = []
         self.stop = False  # generation should end: a repeat completed, or the calls are closed
 
     def feed(self, text: str) -> list[CallFragment]:
         self.text += text
-        self.parsed = parse_calls(self.text, self.syntax)
+        self.parsed = parse_calls(self.text, self.syntax, self._scans)
         kinds = self._classify()
         if "repeat" in kinds or self.parsed.state in ("closed", "malformed") or "unknown" in kinds:
             self.stop = True

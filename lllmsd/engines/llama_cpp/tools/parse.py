@@ -4,7 +4,9 @@
 family's ``CallSyntax``, and says how far it got: each call's name and compact arguments so far, whether
 each is complete, and the state of the whole (more may come, it ended, or it is not this syntax). It is
 called again on the whole text after every token, so it holds no state: a section is a few hundred
-characters, and re-reading it keeps streaming and non-streaming on one code path.
+characters, and re-reading it keeps streaming and non-streaming on one code path. The one part that can
+be long, a call's arguments, is scanned once: pass the same ``ArgumentScans`` with each call, and each
+scan goes on from where it stopped (the text only ever grows).
 
 Tolerated, because models write it: any whitespace around the syntax's pieces and inside the JSON
 (arguments come back compact, as OpenAI's do), ``parameters`` for ``arguments`` and back, and the
@@ -60,10 +62,26 @@ class _Malformed(Exception):
     pass
 
 
-def parse_calls(text: str, syntax: CallSyntax) -> ParsedCalls:
-    """Read ``text`` (starting at the call section) as calls in ``syntax``."""
+@dataclass(slots=True)
+class _Scan:
+    """How far the arguments starting at one position have been read."""
+
+    pos: int
+    out: list[str] = field(default_factory=list)
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    done: bool = False
+
+
+ArgumentScans = dict[int, _Scan]  # by the position where the arguments start
+
+
+def parse_calls(text: str, syntax: CallSyntax, scans: ArgumentScans | None = None) -> ParsedCalls:
+    """Read ``text`` (starting at the call section) as calls in ``syntax``. ``scans``: the argument scans
+    of earlier calls on shorter prefixes of this text, to go on from."""
     result = ParsedCalls()
-    reader = _Reader(text)
+    reader = _Reader(text, {} if scans is None else scans)
     try:
         if reader.literal(syntax.open) is _MORE:
             return result
@@ -140,9 +158,10 @@ class _Reader:
     """A cursor over text that may end anywhere: each read returns ``_MORE`` when the text ran out
     inside what it reads, and raises ``_Malformed`` when the text cannot be it."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, scans: ArgumentScans) -> None:
         self.text = text
         self.pos = 0
+        self.scans = scans
 
     def at_end(self) -> bool:
         self.skip_space()
@@ -210,30 +229,29 @@ class _Reader:
         self.skip_space()
         if self.pos < len(self.text) and self.text[self.pos] != "{":
             raise _Malformed("the arguments are not a JSON object")
-        out: list[str] = []
-        depth = 0
-        in_string = escaped = False
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            self.pos += 1
-            if in_string:
+        scan = self.scans.setdefault(self.pos, _Scan(self.pos))
+        text, out = self.text, scan.out
+        while not scan.done and scan.pos < len(text):
+            char = text[scan.pos]
+            scan.pos += 1
+            if scan.in_string:
                 out.append(char)
-                if escaped:
-                    escaped = False
+                if scan.escaped:
+                    scan.escaped = False
                 elif char == "\\":
-                    escaped = True
+                    scan.escaped = True
                 elif char == '"':
-                    in_string = False
+                    scan.in_string = False
                 continue
             if char.isspace():
                 continue
             out.append(char)
             if char == '"':
-                in_string = True
+                scan.in_string = True
             elif char in "{[":
-                depth += 1
+                scan.depth += 1
             elif char in "}]":
-                depth -= 1
-                if depth == 0:
-                    return "".join(out), True
-        return "".join(out), False
+                scan.depth -= 1
+                scan.done = scan.depth == 0
+        self.pos = scan.pos
+        return "".join(out), scan.done
