@@ -1,5 +1,8 @@
 """The GBNF grammar that constrains tool calls to a family's syntax, the offered functions and each
-function's argument schema. Built from the same ``CallSyntax`` the parser reads (parse.py)."""
+function's argument schema. Built from the same ``CallSyntax`` the parser reads (parse.py).
+
+The argument rules (the JSON Schema conversion, the costly part) do not depend on the family: they can be
+built once, before the model is known (``tool_argument_rules``), and given here as ``arguments``."""
 
 from __future__ import annotations
 
@@ -14,9 +17,15 @@ def _literal(text: str) -> str:
     return json.dumps(text)
 
 
-def call_grammar(tools: tuple[ToolSpec, ...], syntax: CallSyntax, parallel: bool) -> str:
-    """GBNF that accepts only well-formed calls of ``tools`` in ``syntax``: one, or (``parallel``) several."""
-    argument_rules, rules = tool_argument_rules(tools)
+def call_grammar(
+    tools: tuple[ToolSpec, ...],
+    syntax: CallSyntax,
+    parallel: bool,
+    arguments: tuple[list[str], str] | None = None,
+) -> str:
+    """GBNF that accepts only well-formed calls of ``tools`` in ``syntax``: one, or (``parallel``) several.
+    ``arguments``: ``tool_argument_rules(tools)``, if already built."""
+    argument_rules, rules = arguments if arguments is not None else tool_argument_rules(tools)
     alternatives = []
     for tool, rule in zip(tools, argument_rules, strict=True):
         head = tool.name + '", "' + syntax.args_key + '": '
