@@ -473,7 +473,7 @@ async def test_chat_format_override(smol: ModelInstance) -> None:
 async def test_usage_prompt_tokens_match_the_rendered_prompt(smol: ModelInstance) -> None:
     messages = (ChatMessage("user", "Count the tokens of this message."),)
     result = await chat(smol, messages[0].content or "", Sampling(max_tokens=2))
-    tokens, _ = engine_of(smol)._prompt.render(messages, (), open_turn=True)
+    tokens = engine_of(smol)._prompt.render(messages, (), open_turn=True).tokens
     assert result.usage.prompt_tokens == len(tokens)
 
 
