@@ -5,11 +5,13 @@ grammar (tool_choice required) or by a request grammar (reasoning), read over HT
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from lllmsd.config import parse_config
 from tests.conftest import AppFactory, make_config, sdk, sse_data
 from tests.engines.test_llama_families import WEATHER, families_model
 
@@ -119,3 +121,34 @@ async def test_enable_thinking_false_reaches_the_template_over_http(client: Test
     bad = await client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tools": []}})
     assert bad.status == 400
     assert (await bad.json())["error"]["param"] == "chat_template_kwargs"
+
+
+async def test_reasoning_is_a_reasoning_item_in_the_responses_api(start_app: AppFactory, tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "models": {"qwen3": families_model("qwen3")},
+            "cache_dir": str(tmp_path / "cache"),
+            "responses": {"path": str(tmp_path / "responses.sqlite3")},
+        }
+    )
+    client = await start_app(config)
+    grammar = "root ::= " + json.dumps(f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}")
+    body = {"model": "qwen3", "input": "What is the weather in Paris?", "temperature": 0}
+    async with sdk(client) as api:
+        response = await api.responses.create(**body, extra_body={"grammar": grammar})
+        stream = await api.responses.create(**body, stream=True, extra_body={"grammar": grammar})
+        events = [event async for event in stream]
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning"
+    assert [c.text.strip() for c in reasoning.content or []] == [THOUGHT]
+    assert message.type == "message"
+    assert response.output_text == ANSWER
+
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert len(deltas) > 1
+    assert "".join(deltas).strip() == THOUGHT
+    kinds = [e.type for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    (done,) = [e for e in events if e.type == "response.completed"]
+    assert [item.type for item in done.response.output] == ["reasoning", "message"]
+    assert done.response.output_text == ANSWER
