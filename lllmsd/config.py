@@ -360,6 +360,16 @@ class LlamaCppModelConfig(ModelBase):
         default_factory=dict, description="Named grammars (GBNF text or a JSON Schema as JSON text)."
     )
     batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+    tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic"] = Field(
+        "auto",
+        description="Tool-call syntax: auto = detected from the chat template (docs/tools.md); hermes "
+        "(Hermes, Qwen 2.5/3), llama3 (Llama 3.1-3.3), mistral, or generic (instructions in the system prompt).",
+    )
+    reasoning: Literal["separate", "inline"] = Field(
+        "separate",
+        description="A thinking model's <think> text: separate = returned as reasoning_content; inline = left "
+        "in the content, tags included, for clients that want it raw.",
+    )
 
 
 class Gpt4AllModelConfig(ModelBase):

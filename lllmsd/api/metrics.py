@@ -31,7 +31,7 @@ from lllmsd import __version__
 from lllmsd.api.keys import MODEL
 from lllmsd.api.middleware import Handler
 from lllmsd.core.instance import InstanceState
-from lllmsd.core.jobs import GenerationEvent, SpeechAudio, TextDelta, ToolCallDelta, Usage
+from lllmsd.core.jobs import GenerationEvent, ReasoningDelta, SpeechAudio, TextDelta, ToolCallDelta, Usage
 from lllmsd.core.runtime import Runtime
 
 # Requests to local models take from milliseconds (embeddings, /health) to minutes (long generations).
@@ -176,7 +176,8 @@ async def observe_speech(
 
 
 def _is_token(event: GenerationEvent) -> bool:
-    return isinstance(event, ToolCallDelta) or (isinstance(event, TextDelta) and bool(event.text))
+    # reasoning is generated text too: a thinking model's first token is its first reasoning
+    return isinstance(event, ToolCallDelta) or (isinstance(event, TextDelta | ReasoningDelta) and bool(event.text))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

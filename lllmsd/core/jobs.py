@@ -77,6 +77,7 @@ class Feature(str, enum.Enum):
     TOKEN_INPUT = "token_input"  # embedding inputs given as token ids
     TRANSLATION = "translation"  # speech to English text
     WORD_TIMESTAMPS = "word_timestamps"
+    TEMPLATE_KWARGS = "template_kwargs"  # chat_template_kwargs, reasoning_effort: variables for a chat template
 
 
 FeatureUse = tuple[Feature, str]  # a feature and the request parameter that asked for it
@@ -184,6 +185,13 @@ class ChatJob:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: str | None = None  # GBNF text, already resolved from a named grammar
+    # The client reads events as they come (a stream): a tool call cut short has been seen in part, so an
+    # engine cannot turn it into content afterwards, as it does for a collected answer.
+    stream: bool = False
+    # Extra variables for the model's chat template (e.g. enable_thinking), and OpenAI's reasoning_effort
+    # (low | medium | high), which templates that take it read as ``reasoning_effort``.
+    template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
     def context(self) -> Context:
         return Context.of_messages(self.messages)
@@ -204,6 +212,10 @@ class ChatJob:
             used.append((Feature.TOOLS, "tool_choice"))
         if any(m.role == "tool" or m.tool_calls for m in self.messages):
             used.append((Feature.TOOLS, "messages"))
+        if self.template_kwargs:
+            used.append((Feature.TEMPLATE_KWARGS, "chat_template_kwargs"))
+        if self.reasoning_effort is not None:
+            used.append((Feature.TEMPLATE_KWARGS, "reasoning_effort"))
         return used
 
 
@@ -382,6 +394,15 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Reasoning text for one choice (a thinking model's ``<think>`` part): never part of the content or
+    of a tool call. Rendered as ``reasoning_content`` (chat) or a ``reasoning`` output item (Responses)."""
+
+    text: str
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """A fragment of a tool call: the first fragment of a call has ``id`` and ``name``."""
 
@@ -409,7 +430,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-GenerationEvent = TextDelta | ToolCallDelta | ChoiceEnd | Usage
+GenerationEvent = TextDelta | ReasoningDelta | ToolCallDelta | ChoiceEnd | Usage
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -419,6 +440,7 @@ GenerationEvent = TextDelta | ToolCallDelta | ChoiceEnd | Usage
 class ChoiceResult:
     index: int
     text: str = ""
+    reasoning: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
@@ -434,6 +456,7 @@ def collect_generation(events: Iterable[GenerationEvent], n: int = 1) -> Generat
     """Fold a stream of generation events into the complete result (the non-streaming response)."""
     choices = [ChoiceResult(index=i) for i in range(n)]
     texts: list[list[str]] = [[] for _ in range(n)]
+    reasonings: list[list[str]] = [[] for _ in range(n)]
     calls: list[dict[int, list[str | None]]] = [{} for _ in range(n)]  # call_index -> [id, name, args]
     usage = Usage(0, 0)
     for event in events:
@@ -441,6 +464,8 @@ def collect_generation(events: Iterable[GenerationEvent], n: int = 1) -> Generat
             texts[event.choice].append(event.text)
             if event.logprobs:
                 choices[event.choice].logprobs += event.logprobs
+        elif isinstance(event, ReasoningDelta):
+            reasonings[event.choice].append(event.text)
         elif isinstance(event, ToolCallDelta):
             call = calls[event.choice].setdefault(event.call_index, [None, None, ""])
             call[0] = call[0] or event.id
@@ -452,6 +477,7 @@ def collect_generation(events: Iterable[GenerationEvent], n: int = 1) -> Generat
             usage = event
     for i, choice in enumerate(choices):
         choice.text = "".join(texts[i])
+        choice.reasoning = "".join(reasonings[i])
         choice.tool_calls = tuple(
             ToolCall(id=str(c[0]), name=str(c[1]), arguments=str(c[2])) for _, c in sorted(calls[i].items())
         )

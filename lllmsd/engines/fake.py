@@ -16,7 +16,8 @@ What it answers, so tests can assert it:
   ``fail_after_tokens`` the number of sentences spoken before it fails.
 - best_of and suffix are honoured trivially: every candidate is the same, and the answer (the prompt's
   words) does not depend on what follows the prompt.
-- grammar, JSON response formats and logprobs of an echoed prompt are not among its declared features,
+- grammar, JSON response formats, logprobs of an echoed prompt and chat-template variables
+  (chat_template_kwargs, reasoning_effort: it has no template) are not among its declared features,
   so admission refuses them (400), as for a real engine; seed is honoured trivially (the output never
   varies), and so are logit_bias and the penalties.
 
@@ -91,7 +92,12 @@ def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
 class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine):
     name = "fake"
     serves = frozenset(JobKind)
-    features = frozenset(Feature) - {Feature.GRAMMAR, Feature.JSON_OUTPUT, Feature.ECHO_LOGPROBS}
+    features = frozenset(Feature) - {
+        Feature.GRAMMAR,
+        Feature.JSON_OUTPUT,
+        Feature.ECHO_LOGPROBS,
+        Feature.TEMPLATE_KWARGS,
+    }
     isolation = "thread"  # a test double, often subclassed inside a test: ``isolation: process`` to crash-test
     sample_rate = FAKE_SPEECH_RATE
 

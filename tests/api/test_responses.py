@@ -632,3 +632,11 @@ async def test_bodies_and_events_conform_to_the_documented_models(daemon: TestCl
     bodies.ResponseObject.model_validate(events[-1][1]["response"])
     deleted = await (await daemon.delete(f"/v1/responses/{created['id']}")).json()
     bodies.ResponseDeleted.model_validate(deleted)
+
+
+async def test_reasoning_effort_is_refused_by_an_engine_without_a_chat_template(daemon: TestClient) -> None:
+    body = {"model": "chat", "input": "hi", "reasoning": {"effort": "low"}}
+    response = await daemon.post("/v1/responses", json=body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["param"], error["code"]) == ("reasoning.effort", "unsupported_parameter")

@@ -314,3 +314,22 @@ async def test_embedding_model_refuses_chat(start_app: AppFactory) -> None:
     response = await client.post("/v1/chat/completions", json={"model": "emb", "messages": USER})
     assert response.status == 400
     assert "embedding model" in assert_envelope(await response.json())["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("chat_template_kwargs", {"enable_thinking": False}), ("reasoning_effort", "low")]
+)
+async def test_template_variables_are_refused_by_an_engine_without_templates(
+    client: TestClient, field: str, value: Any
+) -> None:
+    response = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER, field: value})
+    assert response.status == 400
+    error = assert_envelope(await response.json())
+    assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+
+
+async def test_reasoning_effort_outside_openais_values_is_a_400(client: TestClient) -> None:
+    body = {"model": "chat", "messages": USER, "reasoning_effort": "extreme"}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status == 400
+    assert assert_envelope(await response.json())["param"] == "reasoning_effort"

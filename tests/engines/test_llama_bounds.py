@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from lllmsd.core.jobs import ToolSpec
-from lllmsd.engines.llama_cpp.grammar import schema_grammar, tool_grammar
+from lllmsd.engines.llama_cpp.grammar import schema_grammar
+from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
+from lllmsd.engines.llama_cpp.tools.syntax import SYNTAXES
 from tests.setup_models import model_path
 from tests.unit.test_llama_bounds import ACCEPTED
 
@@ -150,6 +152,7 @@ def test_every_bound_the_api_admits_makes_a_grammar_llama_cpp_accepts() -> None:
                     ToolSpec("t", parameters=schema),
                     ToolSpec("u", parameters={"type": "object", "properties": {"y": leaf}}),
                 )
-                grammars.append(tool_grammar(tools, parallel=True))
+                # every family's call syntax around the same argument rules
+                grammars += [call_grammar(tools, syntax, parallel=True) for syntax in SYNTAXES.values()]
     results = in_llama([{"grammar": grammar} for grammar in grammars])
     assert None not in results, [g[:300] for g, r in zip(grammars, results, strict=True) if r is None][:3]

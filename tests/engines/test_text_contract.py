@@ -84,6 +84,9 @@ FEATURE_JOBS: dict[Feature, Callable[[], ChatJob | CompletionJob]] = {
         user(STORY), Sampling(max_tokens=8, frequency_penalty=1.0, presence_penalty=0.5)
     ),
     Feature.SUFFIX: lambda: CompletionJob("def add(a, b):", Sampling(max_tokens=8), suffix="\n    return c"),
+    Feature.TEMPLATE_KWARGS: lambda: ChatJob(
+        user("Say hello."), Sampling(max_tokens=4), template_kwargs={"enable_thinking": False}, reasoning_effort="low"
+    ),
 }
 # features whose own tests below check what they do; the others are checked by test_declared_feature_is_served
 TESTED_IN_DEPTH = {

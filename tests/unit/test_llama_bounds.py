@@ -20,7 +20,7 @@ from lllmsd.config import parse_config
 from lllmsd.core.jobs import ChatJob, ChatMessage, CompletionJob, ResponseFormat, ToolSpec
 from lllmsd.engines.llama_cpp.converter import RepetitionBoundError, bounded_repetition
 from lllmsd.engines.llama_cpp.gbnf import MAX_GRAMMAR_CHARS, check_gbnf, gbnf_tokens
-from lllmsd.engines.llama_cpp.grammar import schema_grammar, tool_grammar
+from lllmsd.engines.llama_cpp.grammar import schema_grammar, tool_argument_rules
 from lllmsd.engines.llama_cpp.text import LlamaCppTextEngine
 from lllmsd.errors import InvalidRequest
 
@@ -208,7 +208,7 @@ def test_a_schema_the_converter_cannot_express_is_400_naming_it() -> None:
         assert error.value.param == "response_format.json_schema.schema"
         assert error.value.code == "invalid_value"
     with pytest.raises(InvalidRequest) as error:
-        tool_grammar((ToolSpec("ok"), ToolSpec("bad", parameters={"type": 5})), parallel=False)
+        tool_argument_rules((ToolSpec("ok"), ToolSpec("bad", parameters={"type": 5})))
     assert error.value.param == "tools[1].function.parameters"
 
 

@@ -94,6 +94,9 @@ class AssistantMessage(_Body):
     content: str | None
     refusal: None
     tool_calls: list[ToolCall] | None = Field(None, description="Present when the model called tools.")
+    reasoning_content: str | None = Field(
+        None, description="A thinking model's reasoning (its <think> text), apart from the answer; absent if none."
+    )
 
 
 class ChatChoice(_Body):
@@ -133,6 +136,7 @@ class ChatDelta(_Body):
     content: str | None = None
     refusal: None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = Field(None, description="A fragment of a thinking model's reasoning.")
 
 
 class ChatChunkChoice(_Body):

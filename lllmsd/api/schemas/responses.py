@@ -305,6 +305,8 @@ class ResponseTurn:
             logprobs=body.wants_logprobs,
             top_logprobs=body.top_logprobs or 0,
             grammar=body.resolve_grammar(config),
+            stream=body.stream,
+            reasoning_effort=body.reasoning.effort if body.reasoning is not None else None,
         )
 
 
@@ -314,6 +316,7 @@ _PARAMS_IN_RESPONSES_TERMS = {
     "response_format": "text.format",
     "max_tokens": "max_output_tokens",
     "logprobs": "include",
+    "reasoning_effort": "reasoning.effort",
 }
 
 

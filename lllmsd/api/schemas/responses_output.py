@@ -6,10 +6,10 @@ events OpenAI sends for it. The non-streamed answer is the same fold with the ev
 modes cannot drift. ``response_events`` numbers the events of a stream (``sequence_number`` from 0) and
 ends it with exactly one of response.completed, response.incomplete or response.failed.
 
-Reasoning: the engine event stream carries no reasoning yet. When it does (a reasoning delta event, see
-the native tool-call issue), ``ResponseRenderer.apply`` is the hook: open a ``reasoning`` output item
-before the message, as ``_open_message`` does for text, and count its tokens in
-``output_tokens_details.reasoning_tokens``.
+Reasoning: a thinking model's ``ReasoningDelta`` events become a ``reasoning`` output item before the
+message, its text in ``content`` (``reasoning_text``: nothing is encrypted or summarised here), streamed
+as response.reasoning_text.delta events. ``output_tokens_details.reasoning_tokens`` stays 0: the engines
+count generated tokens, not which of them were reasoning.
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from lllmsd.api.schemas.responses import (
     TextFormatJsonSchema,
     ToolChoiceFunction,
 )
-from lllmsd.core.jobs import ChatJob, ChoiceEnd, GenerationEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
+from lllmsd.core.jobs import (
+    ChatJob,
+    ChoiceEnd,
+    GenerationEvent,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from lllmsd.errors import LllmsdError
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,8 @@ class ResponseRenderer:
         self._text: list[str] = []
         self._logprobs: list[dict[str, Any]] = []
         self._calls: dict[int, dict[str, Any]] = {}  # call_index -> its open function_call item
+        self._reasoning: dict[str, Any] | None = None  # the open reasoning item, while reasoning streams
+        self._reasoning_text: list[str] = []
         self._closed = False
 
     # ---------------------------------------------------------------------------------- the events
@@ -73,10 +84,13 @@ class ResponseRenderer:
 
     def apply(self, event: GenerationEvent) -> list[StreamEvent]:
         """The stream events for one engine event (only choice 0 exists: a Response has one answer)."""
+        if isinstance(event, ReasoningDelta):
+            return self._reasoning_delta(event.text) if event.text else []
         if isinstance(event, TextDelta):
             if not event.text and not event.logprobs:
                 return []
-            events = self._open_message()
+            events = self._close_reasoning()
+            events += self._open_message()
             logprobs = [_logprob(lp) for lp in event.logprobs] if self.request.wants_logprobs else []
             self._text.append(event.text)
             self._logprobs += logprobs
@@ -104,7 +118,8 @@ class ResponseRenderer:
         if self._closed:
             return []
         self._closed = True
-        events = self._close_message()
+        events = self._close_reasoning()
+        events += self._close_message()
         for index in sorted(self._calls):
             item = self._calls[index]
             item["arguments"] = compact_json(item["arguments"])
@@ -212,8 +227,34 @@ class ResponseRenderer:
             {"type": "response.output_item.done", **self._index(item), "item": dict(item)},
         ]
 
+    def _reasoning_delta(self, text: str) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        item = self._reasoning
+        if item is None:
+            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+            self._reasoning = item
+            self.output.append(item)
+            events.append({"type": "response.output_item.added", **self._index(item), "item": dict(item)})
+        self._reasoning_text.append(text)
+        events.append({"type": "response.reasoning_text.delta", **self._where(item), "content_index": 0, "delta": text})
+        return events
+
+    def _close_reasoning(self) -> list[StreamEvent]:
+        item = self._reasoning
+        if item is None:
+            return []
+        self._reasoning = None
+        text = "".join(self._reasoning_text)
+        item["content"] = [{"type": "reasoning_text", "text": text}]
+        item["status"] = "completed"
+        return [
+            {"type": "response.reasoning_text.done", **self._where(item), "content_index": 0, "text": text},
+            {"type": "response.output_item.done", **self._index(item), "item": dict(item)},
+        ]
+
     def _call_delta(self, event: ToolCallDelta) -> list[StreamEvent]:
-        events = self._close_message()  # text before a call is its own message item
+        events = self._close_reasoning()
+        events += self._close_message()  # text before a call is its own message item
         item = self._calls.get(event.call_index)
         if item is None:
             item = {

@@ -163,6 +163,10 @@ class ChatCompletionRequest(SamplingWire):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # OpenAI's, for reasoning models; here a variable of the model's chat template (where it reads one)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # not in OpenAI's spec; what llama.cpp's server and vLLM accept: extra chat template variables
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -218,6 +222,9 @@ class ChatCompletionRequest(SamplingWire):
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
             grammar=self.resolve_grammar(config),
+            stream=self.stream,
+            template_kwargs=self.chat_template_kwargs or None,
+            reasoning_effort=self.reasoning_effort,
         )
 
 

@@ -14,7 +14,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lllmsd.api.schemas.common import response_id, system_fingerprint
-from lllmsd.core.jobs import ChoiceEnd, GenerationEvent, GenerationResult, TextDelta, TokenLogprob, ToolCallDelta, Usage
+from lllmsd.core.jobs import (
+    ChoiceEnd,
+    GenerationEvent,
+    GenerationResult,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -83,6 +92,8 @@ def chat_response(identity: ResponseIdentity, result: GenerationResult, logprobs
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in choice.tool_calls
             ]
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning
         choices.append(
             {
                 "index": choice.index,
@@ -128,6 +139,9 @@ async def chat_chunks(
             if event.text or event.logprobs:
                 lps = _chat_logprobs(event.logprobs) if logprobs else None
                 yield chunk(event.choice, {"content": event.text}, lps=lps)
+        elif isinstance(event, ReasoningDelta):
+            if event.text:
+                yield chunk(event.choice, {"reasoning_content": event.text})
         elif isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.call_index}
             if event.id is not None:

@@ -1,29 +1,57 @@
-"""Generation orchestration: the choices of one job, best_of candidates, and tool-call runs.
+"""Generation orchestration: the choices of one job, best_of candidates, reasoning and tool-call runs.
 
 Choices made here, and why:
 - ``n`` choices run one after the other on the one context: each reuses the evaluated prompt (the KV
   cache keeps it), so n choices cost one prompt evaluation.
 - best_of generates every candidate in full, buffered, and keeps the ``n`` with the highest mean token
   logprob; every candidate's tokens count in Usage, as with OpenAI.
-- Tool calls: ``required`` and a named function force the tool-call format with a grammar from the first
-  token; ``auto`` lets the model start freely and, if its answer starts with ``<tool_call>``, restarts
-  the answer under the grammar (the prompt stays cached). Text is held back while it could still be the
-  start of a tool call, so a client never sees the aborted text.
+- Chat text goes through the reasoning split (a thinking model's ``<think>`` part becomes ReasoningDelta
+  events, reasoning.py) and, with tool_choice ``auto``, a watch for the start of a call in the model
+  family's syntax (tools/trigger.py); text that could still be either is held back.
+- Tool calls: ``required`` and a named function constrain the answer by the call grammar from its first
+  token. ``auto`` lets the model write freely; once a call starts, the answer goes on under the grammar
+  from the text before the call (the prompt and that text stay in the KV cache, so only the few tokens of
+  the call's opening are generated again). What the calls then become (streamed fragments, dropped
+  repeats, finish reasons, broken output returned as content) is tools/calls.py's.
 """
 
 from __future__ import annotations
 
 import codecs
 import math
-import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from lllmsd.core.jobs import ChoiceEnd, GenerationEvent, TextDelta, ToolCallDelta, Usage
-from lllmsd.engines.llama_cpp.grammar import TOOL_OPEN, parse_tool_calls
+from lllmsd.core.jobs import ChoiceEnd, GenerationEvent, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from lllmsd.engines.llama_cpp.reasoning import ReasoningSplit
 from lllmsd.engines.llama_cpp.sampling import Decoder, Outcome, Plan, seed_for
+from lllmsd.engines.llama_cpp.tools.calls import CallFragment, CallTracker
+from lllmsd.engines.llama_cpp.tools.syntax import CallSyntax
+from lllmsd.engines.llama_cpp.tools.trigger import TriggerWatch
 from lllmsd.engines.textstream import TextStream
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRun:
+    """How a chat job's tool calls run: the grammar-constrained plan, and what the tracker needs."""
+
+    plan: Plan
+    syntax: CallSyntax
+    names: frozenset[str]
+    parallel: bool
+    live: bool  # the client streams: fragments go out as they come
+    forced: bool  # required / a named function: the grammar from the first token
+
+
+@dataclass(frozen=True, slots=True)
+class ChatText:
+    """What a chat choice does with its text: split reasoning out (``thinking``: the prompt opened it
+    already), and the tokenizer that continues the prompt with text (for a call that starts mid-answer)."""
+
+    split_reasoning: bool
+    thinking: bool
+    tokenize: Callable[[str], list[int]]
 
 
 @dataclass(slots=True)
@@ -47,18 +75,19 @@ def generate(
     n: int,
     cancel: threading.Event,
     *,
-    tools: Plan | None = None,
-    auto: bool = False,
+    tools: ToolRun | None = None,
+    chat: ChatText | None = None,
     prefix: str | None = None,
 ) -> Iterator[GenerationEvent]:
-    """``n`` choices one after the other (each reuses the evaluated prompt), then Usage. ``tools`` is the
-    plan of a tool-call run: from the start, or (``auto``) once the text turns out to be a tool call."""
+    """``n`` choices one after the other (each reuses the evaluated prompt), then Usage. ``tools``: how
+    tool calls run (from the start, or once the text turns out to be a call); ``chat``: a chat answer's
+    reasoning split."""
     cached: int | None = None
     completion = 0
     for choice in range(n):
         if prefix:
             yield TextDelta(prefix, choice=choice)
-        outcome = yield from _run_choice(decoder, prompt, plan, choice, cancel, tools, auto)
+        outcome = yield from _run_choice(decoder, prompt, plan, choice, cancel, tools, chat)
         cached = outcome.cached if cached is None else cached
         completion += outcome.tokens
         if outcome.finish is None:
@@ -80,7 +109,7 @@ def best_of(
     candidates = []
     for index in range(candidates_wanted):
         candidate = Candidate()
-        runner = _run_choice(decoder, prompt, plan, index, cancel, None, False, score=True)
+        runner = _run_choice(decoder, prompt, plan, index, cancel, None, None, score=True)
         candidate.outcome = _drain(runner, candidate.events)
         if candidate.outcome.finish is None:
             return
@@ -104,16 +133,23 @@ def _run_choice(
     plan: Plan,
     choice: int,
     cancel: threading.Event,
-    tools: Plan | None,
-    auto: bool,
+    tools: ToolRun | None,
+    chat: ChatText | None,
     score: bool = False,
 ) -> Iterator[GenerationEvent]:
-    if tools is not None and not auto:
-        return (yield from _run_tools(decoder, prompt, tools, choice, cancel))
-    outcome = yield from _run_text(decoder, prompt, plan, choice, cancel, watch_tools=auto, score=score)
-    if outcome.tool_trigger and tools is not None:
-        rerun = yield from _run_tools(decoder, prompt, tools, choice, cancel)
+    if tools is not None and tools.forced:
+        return (yield from _run_tools(decoder, prompt, tools, tools.plan, choice, cancel))
+    watch = TriggerWatch(tools.syntax) if tools is not None else None
+    outcome = yield from _run_text(decoder, prompt, plan, choice, cancel, chat=chat, watch=watch, score=score)
+    if outcome.tool_trigger is not None and tools is not None and chat is not None and outcome.finish is not None:
+        # The call goes on under the grammar from the text before it (still in the KV cache).
+        before = chat.tokenize(outcome.tool_trigger)
+        budget = None if plan.max_tokens is None else max(plan.max_tokens - outcome.tokens, 1)
+        rerun = yield from _run_tools(
+            decoder, prompt + before, tools, replace(tools.plan, max_tokens=budget), choice, cancel
+        )
         rerun.cached = outcome.cached
+        rerun.tokens += outcome.tokens
         return rerun
     return outcome
 
@@ -125,62 +161,85 @@ def _run_text(
     choice: int,
     cancel: threading.Event,
     *,
-    watch_tools: bool = False,
+    chat: ChatText | None = None,
+    watch: TriggerWatch | None = None,
     score: bool = False,
 ) -> Iterator[GenerationEvent]:
-    """One text choice; returns its Outcome (as the generator's value)."""
+    """One text choice; returns its Outcome (as the generator's value). With ``watch``, a call starting in
+    the text ends the choice with ``outcome.tool_trigger`` set to the raw text before the call."""
     cached = decoder.evaluate(prompt, cancel)
     outcome = Outcome(cached=cached or 0)
     if cached is None:
         return outcome
     stream = TextStream(plan.stops, plan.text_offset)
-    deciding = watch_tools  # tool_choice auto: hold the text until it cannot be a tool call
+    split = ReasoningSplit(inside=chat.thinking) if chat is not None and chat.split_reasoning else None
     seed = seed_for(plan.sampling, choice)
+
+    def route(text: str, logprobs: tuple, final: bool = False) -> Iterator[GenerationEvent]:
+        reasoning, content = split.feed(text) if split is not None else ("", text)
+        if final and split is not None:
+            more_reasoning, more_content = split.flush()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        if reasoning:
+            yield ReasoningDelta(reasoning, choice=choice)
+        if watch is not None:
+            content = watch.feed(content)
+            if final:
+                content += watch.flush()
+        if content or logprobs:
+            yield TextDelta(content, choice=choice, logprobs=logprobs)
+
     for piece, logprob in decoder.tokens(prompt, plan, seed, cancel, outcome, score=score):
         stream.feed(piece, logprob)
-        if deciding:
-            head = stream.text.lstrip()
-            if head.startswith(TOOL_OPEN):
-                outcome.tool_trigger = True
-                return outcome
-            deciding = TOOL_OPEN.startswith(head)
-        text, logprobs = stream.release(hold_all=deciding)
-        if text or logprobs:
-            yield TextDelta(text, choice=choice, logprobs=logprobs)
+        text, logprobs = stream.release()
+        yield from route(text, logprobs)
+        if watch is not None and watch.call_start is not None:
+            # the raw text generated before the call: what was released, less the call's part
+            released = stream.text[: stream.sent]
+            outcome.tool_trigger = released[: len(released) - (len(watch.text) - watch.call_start)]
+            outcome.finish = outcome.finish or "stop"
+            return outcome
         if stream.stopped:
             outcome.finish = "stop"
             break
     if outcome.finish is not None:
         text, logprobs = stream.flush()
-        if text or logprobs:
-            yield TextDelta(text, choice=choice, logprobs=logprobs)
+        yield from route(text, logprobs, final=True)
     return outcome
 
 
 def _run_tools(
-    decoder: Decoder, prompt: list[int], plan: Plan, choice: int, cancel: threading.Event
+    decoder: Decoder, prompt: list[int], tools: ToolRun, plan: Plan, choice: int, cancel: threading.Event
 ) -> Iterator[GenerationEvent]:
-    """One choice constrained to tool calls, streamed as ToolCallDelta fragments."""
+    """One choice constrained to tool calls by ``plan``'s grammar, as ToolCallDelta fragments (and, for
+    output that is no call after all, text)."""
     cached = decoder.evaluate(prompt, cancel)
     outcome = Outcome(cached=cached or 0)
     if cached is None:
         return outcome
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-    text = ""
-    sent: list[int] = []  # characters of arguments sent, per call
+    tracker = CallTracker(tools.syntax, tools.names, live=tools.live, parallel=tools.parallel)
     seed = seed_for(plan.sampling, choice)
     for piece, _ in decoder.tokens(prompt, plan, seed, cancel, outcome, score=False):
-        text += utf8.decode(piece)
-        for index, (name, arguments, _complete) in enumerate(parse_tool_calls(text)):
-            if index == len(sent):
-                sent.append(len(arguments))
-                yield ToolCallDelta(index, arguments, id=f"call_{secrets.token_hex(12)}", name=name, choice=choice)
-            elif len(arguments) > sent[index]:
-                yield ToolCallDelta(index, arguments[sent[index] :], choice=choice)
-                sent[index] = len(arguments)
-    if outcome.finish == "stop":
-        outcome.finish = "tool_calls"
+        for fragment in tracker.feed(utf8.decode(piece)):
+            yield _call_delta(fragment, choice)
+        if tracker.stop:
+            outcome.finish = "stop"
+            break
+    if outcome.finish is None:
+        return outcome  # cancelled
+    tracker.feed(utf8.decode(b"", final=True))
+    end = tracker.finish("length" if outcome.finish == "length" else "stop")
+    for fragment in end.fragments:
+        yield _call_delta(fragment, choice)
+    if end.content:
+        yield TextDelta(end.content, choice=choice)
+    outcome.finish = end.finish_reason
     return outcome
+
+
+def _call_delta(fragment: CallFragment, choice: int) -> ToolCallDelta:
+    return ToolCallDelta(fragment.index, fragment.arguments, id=fragment.id, name=fragment.name, choice=choice)
 
 
 def _drain(runner: Iterator[GenerationEvent], into: list[GenerationEvent]) -> Outcome:

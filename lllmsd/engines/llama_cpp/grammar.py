@@ -1,9 +1,5 @@
 """Structured output on llama.cpp: GBNF grammars from JSON Schemas (response_format, named grammars) and
-from tool definitions, and the one tool-call text format every model is taught and constrained to.
-
-Tool calls are written as ``<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>``; the grammar
-only admits calls of the offered tools with arguments valid for their schemas, and ``parse_tool_calls``
-reads calls (and argument fragments, while they stream) back out of that text.
+the argument rules of tool definitions (the call syntax around them is the model family's: tools/).
 
 Choices made here, and why:
 - Structured output is constrained, never hoped for: json_object / json_schema and tool calls become GBNF
@@ -13,9 +9,8 @@ Choices made here, and why:
   a JSON Schema by the schema's limits (checked by the API, api/schemas/json_schema.py, and by the
   converter's own cap on bounds). A schema the converter cannot express, or nested so deeply that its
   recursion runs out, is a 400 naming the parameter, never a 500.
-- Tool calls use one format for every model, described in the system prompt (``tool_instructions``),
-  rather than each chat template's own: one grammar and one parser serve every model. How ``tool_choice``
-  uses the grammar is in generate.py.
+- Tool calls are written in the model family's own syntax (tools/): the grammar admits only calls of the
+  offered tools with arguments valid for their schemas. How ``tool_choice`` uses it is in generate.py.
 """
 
 from __future__ import annotations
@@ -30,12 +25,6 @@ from lllmsd.engines.llama_cpp.gbnf import check_gbnf
 from lllmsd.errors import InvalidRequest, UnsupportedParameter
 
 ENGINE = "llama-cpp"
-
-TOOL_OPEN = "<tool_call>"
-TOOL_HEAD = '<tool_call>\n{"name": "'
-TOOL_ARGS = '", "arguments": '
-TOOL_TAIL = "}\n</tool_call>"
-
 
 # What the converter raises on a schema it cannot express (it asserts, indexes and iterates what it is
 # given), or one nested so deeply through $ref that Python's recursion limit stops it.
@@ -52,38 +41,18 @@ def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> st
     return converter.format_grammar()
 
 
-def tool_grammar(tools: tuple[ToolSpec, ...], parallel: bool) -> str:
-    """GBNF that accepts only well-formed calls of the given tools, one (or several, if parallel)."""
+def tool_argument_rules(tools: tuple[ToolSpec, ...]) -> tuple[list[str], str]:
+    """The GBNF rule of each tool's arguments (by its JSON Schema), and the rules' text: the parts of a
+    tool-call grammar that do not depend on the model family's call syntax (tools/call_grammar.py)."""
     converter = BoundedSchemaConverter()
-    alternatives = []
+    rules = []
     for i, tool in enumerate(tools):
         schema = tool.parameters or {"type": "object"}
         try:
-            args_rule = converter.visit(converter.resolve_refs(schema, f"tool{i}"), f"tool{i}-args")
+            rules.append(converter.visit(converter.resolve_refs(schema, f"tool{i}"), f"tool{i}-args"))
         except SCHEMA_ERRORS as exc:
             raise _schema_error(f"tools[{i}].function.parameters", exc) from None
-        head = json.dumps(f"{tool.name}{TOOL_ARGS}")
-        alternatives.append(f"{head} {args_rule}")
-    call = f"{json.dumps(TOOL_HEAD)} ( {' | '.join(alternatives)} ) {json.dumps(TOOL_TAIL)}"
-    root = 'root ::= call ( "\\n" call )*' if parallel else "root ::= call"
-    return "\n".join((root, f"call ::= {call}", converter.format_grammar()))
-
-
-def tool_instructions(tools: tuple[ToolSpec, ...]) -> str:
-    """The system-prompt text that tells a model which functions exist and how to call them."""
-    lines = ["You can call these functions (their arguments are JSON Schemas):"]
-    for tool in tools:
-        spec = {"name": tool.name, "description": tool.description or "", "parameters": tool.parameters or {}}
-        lines.append(json.dumps(spec, ensure_ascii=False))
-    lines.append(
-        "To call a function, answer with only\n"
-        f"{TOOL_HEAD}<function name>{TOOL_ARGS}<arguments as a JSON object>{TOOL_TAIL}"
-    )
-    return "\n".join(lines)
-
-
-def tool_call_text(name: str, arguments: str) -> str:
-    return f"{TOOL_HEAD}{name}{TOOL_ARGS}{arguments}{TOOL_TAIL}"
+    return rules, converter.format_grammar()
 
 
 def _schema_error(param: str, exc: BaseException) -> InvalidRequest:
@@ -163,15 +132,3 @@ def compact_json_prefix(raw: str) -> tuple[str, bool]:
             if depth == 0:
                 return "".join(out), True
     return "".join(out), False
-
-
-def parse_tool_calls(text: str) -> list[tuple[str, str, bool]]:
-    """(name, compact arguments so far, complete) of each call in text the tool grammar produced."""
-    calls = []
-    for chunk in text.split(TOOL_HEAD)[1:]:
-        name, sep, rest = chunk.partition(TOOL_ARGS)
-        if not sep:
-            break  # the name is still being generated
-        arguments, complete = compact_json_prefix(rest)
-        calls.append((name, arguments, complete))
-    return calls

@@ -58,13 +58,14 @@ class Plan:
 
 @dataclass(slots=True)
 class Outcome:
-    """How one choice ended: ``finish`` None means cancelled; ``tool_trigger`` asks for a tool-call rerun."""
+    """How one choice ended: ``finish`` None means cancelled; ``tool_trigger``: a tool call started in the
+    text, which went before it (the call goes on under the grammar from there)."""
 
     cached: int
     tokens: int = 0
     finish: str | None = None
     logprob_sum: float = 0.0
-    tool_trigger: bool = False
+    tool_trigger: str | None = None
 
 
 def seed_for(sampling: Sampling, choice: int) -> int:
@@ -77,11 +78,15 @@ def seed_for(sampling: Sampling, choice: int) -> int:
 class Decoder:
     """Evaluates prompts into one ``Llama``'s context and samples tokens after them."""
 
-    def __init__(self, llama: llama_cpp.Llama) -> None:
+    def __init__(self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = ()) -> None:
         self._llama = llama
         self.context_size = llama.n_ctx()
         self.n_vocab = llama.n_vocab()
         self._vocab = llama._model.vocab
+        # Control tokens that must come out as their text: markers a model family writes as one special
+        # token ([TOOL_CALLS], <|python_tag|>, <think>), which the tool-call and reasoning parsers read.
+        # Other control tokens stay invisible, as llama.cpp shows them.
+        self._shown = frozenset(t for t in map(self._single_token, shown_markers) if t is not None)
 
     @property
     def held_tokens(self) -> int:
@@ -148,7 +153,14 @@ class Decoder:
             sampler.close()
 
     def _piece(self, token: int) -> bytes:
-        return self._llama._model.detokenize([token])
+        return self._llama._model.detokenize([token], special=token in self._shown)
+
+    def _single_token(self, text: str) -> int | None:
+        """The token that ``text`` is, if it is one token of this model."""
+        buffer = (llama_cpp.llama_token * 2)()
+        data = text.encode("utf-8")
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, 2, False, True)
+        return int(buffer[0]) if count == 1 else None
 
     def _is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -30,11 +30,12 @@ from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, GenerationEvent, Job, Preload, Sampling
 from lllmsd.engines.base import ModelFiles, TextEngine
 from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
-from lllmsd.engines.llama_cpp.generate import best_of, generate
-from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_grammar
+from lllmsd.engines.llama_cpp.generate import ChatText, ToolRun, best_of, generate
+from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_argument_rules
 from lllmsd.engines.llama_cpp.model import load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
 from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
+from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -55,14 +56,15 @@ class LlamaCppTextEngine(TextEngine):
             Feature.TOOLS,
             Feature.ECHO,
             Feature.SUFFIX,
+            Feature.TEMPLATE_KWARGS,
         }
     )
 
     def __init__(self, config: LlamaCppModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
         self._llama = load_llama(config, files, embedding=False)
-        self._decoder = Decoder(self._llama)
-        self._prompt = ChatPrompt(self._llama, config.chat_format)
+        self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
+        self._decoder = Decoder(self._llama, self._prompt.tools.shown_markers)
         self.context_size = self._decoder.context_size
 
     def close(self) -> None:
@@ -108,7 +110,7 @@ class LlamaCppTextEngine(TextEngine):
         grammar = resolve_grammar(config, job.grammar)
         json_grammar = response_grammar(job)  # a schema it cannot convert is a 400 naming it
         if job.tools and job.tool_choice != "none":
-            tool_grammar(job.tools, job.parallel_tool_calls)
+            tool_argument_rules(job.tools)  # a schema the converter cannot express is a 400 naming it
         if grammar is not None and json_grammar is not None:
             raise UnsupportedParameter("grammar", ENGINE, "give grammar or a JSON response_format, not both")
         if job.tools and job.tool_choice != "none" and (grammar is not None or json_grammar is not None):
@@ -137,7 +139,7 @@ class LlamaCppTextEngine(TextEngine):
 
     def preload(self, preload: Preload) -> int:
         if preload.messages:
-            tokens, _ = self._prompt.render(preload.messages, (), open_turn=False)
+            tokens = self._prompt.render(preload.messages, (), open_turn=False).tokens
         else:
             tokens = tokenize(self._llama, preload.prefix or "")
         if not tokens:
@@ -150,29 +152,50 @@ class LlamaCppTextEngine(TextEngine):
         self._check_chat(self.config, job)  # as admission did, for callers that bypass it: the plan assumes it
         self._check_loaded(job.sampling, job.grammar)
         use_tools = bool(job.tools) and job.tool_choice != "none"
-        prompt, format_stops = self._prompt.render(job.messages, job.tools if use_tools else (), open_turn=True)
+        rendered = self._prompt.render(
+            job.messages,
+            job.tools if use_tools else (),
+            open_turn=True,
+            template_kwargs=job.template_kwargs,
+            reasoning_effort=job.reasoning_effort,
+        )
+        prompt = rendered.tokens
         self._check_context(prompt, "messages", job.sampling)
         plan = Plan(
             sampling=job.sampling,
             max_tokens=job.sampling.max_tokens,
-            stops=(*job.sampling.stop, *format_stops),
+            stops=(*job.sampling.stop, *rendered.stops),
             grammar=resolve_grammar(self.config, job.grammar) or response_grammar(job),
             top_logprobs=job.top_logprobs if job.logprobs else None,
         )
-        tools = None
-        if use_tools:
-            chosen = job.tools
-            if job.tool_choice not in (None, "auto", "required"):
-                chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
-                if not chosen:
-                    raise InvalidRequest(
-                        f"tool_choice names an unknown function {job.tool_choice!r}",
-                        param="tool_choice",
-                        code="invalid_value",
-                    )
-            tools = replace(plan, stops=(), top_logprobs=None, grammar=tool_grammar(chosen, job.parallel_tool_calls))
-        auto = use_tools and job.tool_choice in (None, "auto")
-        yield from generate(self._decoder, prompt, plan, job.n, cancel, tools=tools, auto=auto)
+        tools = self._tool_run(job, plan) if use_tools else None
+        chat = ChatText(
+            split_reasoning=self._prompt.tools.thinks and self.config.reasoning == "separate",
+            thinking=rendered.thinking,
+            tokenize=lambda text: tokenize(self._llama, text, add_bos=False),
+        )
+        yield from generate(self._decoder, prompt, plan, job.n, cancel, tools=tools, chat=chat)
+
+    def _tool_run(self, job: ChatJob, plan: Plan) -> ToolRun:
+        chosen = job.tools
+        if job.tool_choice not in (None, "auto", "required"):
+            chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
+            if not chosen:
+                raise InvalidRequest(
+                    f"tool_choice names an unknown function {job.tool_choice!r}",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+        syntax = self._prompt.tools.syntax
+        grammar = call_grammar(chosen, syntax, job.parallel_tool_calls)
+        return ToolRun(
+            plan=replace(plan, stops=(), top_logprobs=None, grammar=grammar),
+            syntax=syntax,
+            names=frozenset(t.name for t in chosen),
+            parallel=job.parallel_tool_calls,
+            live=job.stream,
+            forced=job.tool_choice not in (None, "auto"),
+        )
 
     def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         self.check_job(self.config, job)  # as admission did, for callers that bypass it
