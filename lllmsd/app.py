@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import audio, embeddings, models, responses, speech, status, text
+from lllmsd.api import audio, embeddings, models, rerank, responses, speech, status, text
 from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import RESPONSE_STORE, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
@@ -25,6 +25,7 @@ from lllmsd.engines.registry import EngineRegistry, builtin_engines
 log = logging.getLogger(__name__)
 
 API_PREFIXES = ("/v1", "/openai/v1")
+RERANK_PATHS = ("/rerank", "/v2/rerank")  # where llama-server, infinity and Cohere's v2 clients also look
 
 
 def create_app(
@@ -81,3 +82,6 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", responses.delete_response)
         app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", responses.list_input_items)
         app.router.add_post(f"{prefix}/audio/speech", speech.speech)
+        app.router.add_post(f"{prefix}/rerank", rerank.rerank)
+    for path in RERANK_PATHS:
+        app.router.add_post(path, rerank.rerank)

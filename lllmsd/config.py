@@ -144,7 +144,8 @@ class ModelBase(_Section):
     """Options every engine shares."""
 
     task: ModelTask = Field(
-        description="What the model is for: text-completion, embedding, speech-to-text or text-to-speech."
+        description="What the model is for: text-completion, embedding, speech-to-text, text-to-speech or rerank "
+        "(a cross-encoder)."
     )
     # -- where the weights come from (see the model store)
     url: str | None = Field(
@@ -198,8 +199,8 @@ class ModelBase(_Section):
         None,
         gt=0,
         description="Seconds of engine work one request may take; then generation ends (finish_reason "
-        "`length`), or an embedding, transcription or speech fails with 503. null = 600 for text, 120 for "
-        "embedding, 3600 for speech-to-text and 600 for text-to-speech models.",
+        "`length`), or an embedding, rerank, transcription or speech fails with 503. null = 600 for text, 120 "
+        "for embedding and rerank, 3600 for speech-to-text and 600 for text-to-speech models.",
     )
     # -- embedding models: dynamic batching of concurrent requests (see docs/embeddings.md)
     batch_window_ms: float = Field(
@@ -213,14 +214,26 @@ class ModelBase(_Section):
         32,
         ge=1,
         description="Embedding models: inputs merged into one engine call at most; 1 disables batching. "
-        "A larger single request still runs whole.",
+        "A larger single request still runs whole. Rerank models: (query, document) pairs per forward pass.",
     )
     max_inputs: int = Field(
         2048, ge=1, description="Embedding models: inputs one request may carry at most (OpenAI's limit is 2048)."
     )
     truncate: bool = Field(
         True,
-        description="Embedding models: cut inputs longer than the model's max sequence to fit; false answers 400.",
+        description="Embedding and rerank models: cut inputs (a rerank model: query and document together) "
+        "longer than the model's max sequence to fit; false answers 400 naming the input.",
+    )
+    # -- rerank (see docs/rerank.md)
+    rerank_by_cosine: bool = Field(
+        True,
+        description="Embedding models: also answer /v1/rerank, scoring each document by the cosine similarity "
+        "of its embedding to the query's (bi-encoder ranking; a rerank model ranks better); false answers 400.",
+    )
+    max_rerank_documents: int = Field(
+        1000,
+        ge=1,
+        description="Rerank and embedding models: documents one rerank request may carry at most; more is a 400.",
     )
     # -- text models: what one request may carry (see docs/hardening.md); more is a 400 naming the limit
     max_messages: int = Field(2048, ge=1, description="Text models: chat messages one request may carry at most.")
@@ -280,6 +293,9 @@ class ModelBase(_Section):
         if self.task is not ModelTask.EMBEDDING:
             for name in sorted(self.model_fields_set & _EMBEDDING_ONLY):
                 found.append((name, "only embedding models take this option"))
+        if self.task not in (ModelTask.EMBEDDING, ModelTask.RERANK):
+            for name in sorted(self.model_fields_set & _RANKING):
+                found.append((name, "only embedding and rerank models take this option"))
         if self.task is not ModelTask.TEXT_COMPLETION:
             for name in sorted(self.model_fields_set & _TEXT_ONLY):
                 found.append((name, "only text-completion models take messages and prompts"))
@@ -310,8 +326,10 @@ _DEFAULT_REQUEST_SECONDS = {
     ModelTask.EMBEDDING: 120.0,
     ModelTask.SPEECH_TO_TEXT: 3600.0,
     ModelTask.TEXT_TO_SPEECH: 600.0,
+    ModelTask.RERANK: 120.0,
 }
-_EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_batch_size", "max_inputs", "truncate"})
+_EMBEDDING_ONLY = frozenset({"batch_window_ms", "max_inputs", "rerank_by_cosine"})
+_RANKING = frozenset({"max_batch_size", "truncate", "max_rerank_documents"})  # embedding and rerank models
 _TEXT_ONLY = frozenset({"max_messages", "max_prompt_chars"})
 _STT_ONLY = frozenset({"max_audio_seconds"})
 _TTS_ONLY = frozenset({"voices"})

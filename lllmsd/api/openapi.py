@@ -28,6 +28,7 @@ from lllmsd.api.keys import RUNTIME
 from lllmsd.api.schemas import bodies as r
 from lllmsd.api.schemas.audio import TranscriptionRequest, TranslationRequest
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
+from lllmsd.api.schemas.rerank import RerankRequest
 from lllmsd.api.schemas.responses import ResponseCreateRequest
 from lllmsd.api.schemas.speech import CONTENT_TYPES as SPEECH_CONTENT_TYPES
 from lllmsd.api.schemas.speech import SpeechRequest
@@ -88,6 +89,13 @@ class Operation:
 _TEXT = "Plain text"
 _SSE = "text/event-stream"
 _STREAM = "With `stream: true`: server-sent events, each `data: {json}` one chunk, ending with `data: [DONE]`."
+_RERANK = Operation(
+    "Rank documents by relevance to a query (Cohere/Jina shape; not OpenAI)",
+    "rerank",
+    (Body(JSON, r.RerankResponse),),
+    RerankRequest,
+    errors=_GENERATION_ERRORS,
+)
 _AUDIO_BODIES = (
     Body(JSON, r.Transcription, "response_format json (the default)"),
     Body(JSON, r.VerboseTranscription, "response_format verbose_json"),
@@ -198,6 +206,9 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             SpeechRequest,
             errors=_GENERATION_ERRORS,
         ),
+        # below the API prefixes, and also at /rerank and /v2/rerank, where other servers answer it
+        ("POST", "/rerank"): _RERANK,
+        ("POST", "/v2/rerank"): _RERANK,
         ("GET", "/models"): Operation("List the configured models", "models", (Body(JSON, r.ModelList),)),
         ("GET", "/models/{model}"): Operation(
             "Describe one model",

@@ -3,7 +3,9 @@
 A handler validates its wire body, then calls ``runtime.admit(model_id, kind, build)``. Admission:
 1. looks the model up (404 if there is none);
 2. refuses a request the model's task cannot serve (``UnsupportedTask``, 400, param ``model``): an
-   embedding request to a chat model, a chat request to a Whisper model;
+   embedding request to a chat model, a chat request to a Whisper model. A request core answers through
+   another kind of job is served by the models of that job's task too (``JobKind.answered_through``: an
+   embedding model ranks documents by cosine unless its ``rerank_by_cosine`` is off);
 3. builds the job with the model's config (``build``: the wire schema's converter, which applies the
    model's defaults and limits);
 4. refuses every feature the job uses that the engine class does not declare (``UnsupportedParameter``,
@@ -38,6 +40,7 @@ _REQUESTS = {
     JobKind.EMBEDDING: "embeddings",
     JobKind.TRANSCRIPTION: "audio transcriptions or translations",
     JobKind.SPEECH: "speech",
+    JobKind.RERANK: "rerank",
 }
 
 
@@ -60,9 +63,12 @@ async def admit(
     if pool is None:
         raise ModelNotFound(model_id)
     config, engine = pool.config, pool.engine_class
-    if kind.task is not config.task or kind not in engine.serves:
+    if not serves(config, engine, kind):
+        off = kind.answered_through(config.task) is not None  # it could, but its config turned it off
         raise UnsupportedTask(
-            f"model '{model_id}' is a {config.task.value} model and cannot serve {_REQUESTS[kind]}", param="model"
+            f"model '{model_id}' is a {config.task.value} model and cannot serve {_REQUESTS[kind]}"
+            + (" (rerank_by_cosine is off for it)" if off else ""),
+            param="model",
         )
     job = build(config)
     refuse_undeclared_features(engine, job)
@@ -73,6 +79,15 @@ async def admit(
     else:
         engine.check_job(config, job)
     return Admission(job, pool)
+
+
+def serves(config: Any, engine: type[Engine], kind: JobKind) -> bool:
+    """Whether a model (its config and engine class) takes requests of ``kind``: its engine runs them, or
+    core answers them through a kind of job its engine runs (rerank by cosine on an embedding model)."""
+    if kind.task is config.task:
+        return kind in engine.serves
+    through = kind.answered_through(config.task)
+    return through is not None and through in engine.serves and getattr(config, "rerank_by_cosine", False)
 
 
 def check_job(engine: type[Engine], config: Any, job: Job) -> None:

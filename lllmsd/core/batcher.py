@@ -235,7 +235,12 @@ class EmbeddingBatcher:
         return batch
 
     async def _embed_batch(self, instance: ModelInstance, batch: list[_Pending]) -> None:
-        merged = EmbeddingJob(inputs=tuple(itertools.chain.from_iterable(p.job.inputs for p in batch)))
+        # a lone request runs as it came, so an engine's error names its inputs as its client did
+        merged = (
+            batch[0].job
+            if len(batch) == 1
+            else EmbeddingJob(inputs=tuple(itertools.chain.from_iterable(p.job.inputs for p in batch)))
+        )
         try:
             self.batches_run += 1
             result = await instance.embed(merged)

@@ -35,6 +35,8 @@ from lllmsd.core.jobs import (
     GenerationEvent,
     Job,
     Preload,
+    RerankJob,
+    RerankResult,
     SpeechAudio,
     SpeechJob,
     TextDelta,
@@ -196,6 +198,14 @@ class ModelInstance:
     async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
         try:
             result: EmbeddingResult = await self.host.call("embed", job, self._budget())
+        except EngineError as exc:
+            self.mark_failed(exc)
+            raise
+        return result
+
+    async def rerank(self, job: RerankJob) -> RerankResult:
+        try:
+            result: RerankResult = await self.host.call("rerank", job, self._budget())
         except EngineError as exc:
             self.mark_failed(exc)
             raise

@@ -31,6 +31,7 @@ class ModelTask(str, enum.Enum):
     EMBEDDING = "embedding"
     SPEECH_TO_TEXT = "speech-to-text"
     TEXT_TO_SPEECH = "text-to-speech"
+    RERANK = "rerank"
 
 
 class JobKind(str, enum.Enum):
@@ -41,11 +42,18 @@ class JobKind(str, enum.Enum):
     EMBEDDING = "embedding"
     TRANSCRIPTION = "transcription"
     SPEECH = "speech"
+    RERANK = "rerank"
 
     @property
     def task(self) -> ModelTask:
         """The task a model must be configured for to take jobs of this kind."""
         return _TASK_OF_KIND[self]
+
+    def answered_through(self, task: ModelTask) -> JobKind | None:
+        """The kind of job core turns a request of this kind into on a model of another ``task``, if it
+        can: a rerank request to an embedding model is answered from the embeddings of the query and the
+        documents, by cosine similarity (core/rerank.py). None: only models of ``self.task`` serve it."""
+        return _ANSWERED_THROUGH.get((self, task))
 
 
 _TASK_OF_KIND = {
@@ -54,7 +62,9 @@ _TASK_OF_KIND = {
     JobKind.EMBEDDING: ModelTask.EMBEDDING,
     JobKind.TRANSCRIPTION: ModelTask.SPEECH_TO_TEXT,
     JobKind.SPEECH: ModelTask.TEXT_TO_SPEECH,
+    JobKind.RERANK: ModelTask.RERANK,
 }
+_ANSWERED_THROUGH = {(JobKind.RERANK, ModelTask.EMBEDDING): JobKind.EMBEDDING}
 
 
 class Feature(str, enum.Enum):
@@ -263,11 +273,21 @@ class EmbeddingJob:
 
     inputs: tuple[str | tuple[int, ...], ...]
     dimensions: int | None = None
+    # what errors call each input, when it is not the request's input[i]: a rerank request answered by
+    # cosine embeds its query and documents, and a too-long one is "documents[3]", as the client sent it
+    names: tuple[str, ...] | None = None
 
     def features_used(self) -> list[FeatureUse]:
         if any(not isinstance(item, str) for item in self.inputs):
             return [(Feature.TOKEN_INPUT, "input")]
         return []
+
+    def name_of(self, index: int) -> tuple[str, str]:
+        """(what an error message calls input ``index``, the request parameter it came from)."""
+        if self.names is None:
+            return f"input[{index}]", "input"
+        name = self.names[index]
+        return name, name.partition("[")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +329,21 @@ class SpeechJob:
         return []
 
 
-Job = ChatJob | CompletionJob | EmbeddingJob | TranscriptionJob | SpeechJob
+@dataclass(frozen=True, slots=True)
+class RerankJob:
+    """A query and the documents to score against it. Engines return one score per document, in this
+    order; sorting, ``top_n`` and returning the documents are the API's."""
+
+    kind: ClassVar[JobKind] = JobKind.RERANK
+
+    query: str
+    documents: tuple[str, ...]
+
+    def features_used(self) -> list[FeatureUse]:
+        return []
+
+
+Job = ChatJob | CompletionJob | EmbeddingJob | TranscriptionJob | SpeechJob | RerankJob
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -490,6 +524,15 @@ class EmbeddingResult:
 
     vectors: Sequence[Sequence[float]]
     token_counts: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    """One relevance score per document, in the job's order (higher is more relevant), and the tokens the
+    model read for the whole request."""
+
+    scores: Sequence[float]
+    total_tokens: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,9 @@
 
 A request takes an instance with ``async with pool.acquire(job.context()) as instance:`` (an embedding
 model's requests go through ``pool.embed(job)``: the pool's batcher merges them into engine batches, and
-its queue is the pool's, in ``waiting`` and ``GET /``). A request is handed an instance and a global
-concurrency slot together (core/limit.py). The choice, for the request at the head of the queue, is, in
-order:
+its queue is the pool's, in ``waiting`` and ``GET /``; rerank requests go through ``pool.rerank(job)``).
+A request is handed an instance and a global concurrency slot together (core/limit.py). The choice,
+for the request at the head of the queue, is, in order:
   1. the idle instance whose cached context shares the longest prefix with the request's;
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
@@ -37,8 +37,18 @@ from typing import Any
 from lllmsd.core.batcher import EmbeddingBatcher
 from lllmsd.core.clock import Clock
 from lllmsd.core.instance import InstanceState, ModelInstance, instance_ids
-from lllmsd.core.jobs import EMPTY_CONTEXT, Context, EmbeddingJob, EmbeddingResult, ModelTask, Preload
+from lllmsd.core.jobs import (
+    EMPTY_CONTEXT,
+    Context,
+    EmbeddingJob,
+    EmbeddingResult,
+    ModelTask,
+    Preload,
+    RerankJob,
+    RerankResult,
+)
 from lllmsd.core.limit import ConcurrencyLimit
+from lllmsd.core.rerank import rerank_by_cosine
 from lllmsd.engines.base import Engine, ModelFiles
 from lllmsd.errors import (
     LllmsdError,
@@ -128,6 +138,14 @@ class ModelPool:
         if self.batcher is None:
             raise TypeError(f"'{self.model_id}' is not an embedding model")  # admission rules this out
         return await self.batcher.embed(job)
+
+    async def rerank(self, job: RerankJob) -> RerankResult:
+        """A rerank model's engine scores the job on one instance (it batches a long list itself); an
+        embedding model answers by cosine through its batcher (core/rerank.py)."""
+        if self.batcher is not None:
+            return await rerank_by_cosine(self.batcher.embed, job)
+        async with self.acquire() as instance:
+            return await instance.rerank(job)
 
     def reap(self) -> None:
         """Dispose instances idle past their TTL, fail waiters past the queue timeout, refill the minimum."""

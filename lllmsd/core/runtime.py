@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lllmsd.config import DaemonConfig
-from lllmsd.core.admission import Admission, J, admit
+from lllmsd.core.admission import Admission, J, admit, serves
 from lllmsd.core.clock import Clock, SystemClock
 from lllmsd.core.instance import InstanceState
 from lllmsd.core.jobs import JobKind
@@ -206,7 +206,7 @@ class Runtime:
             models[model_id] = {
                 "engine": model.engine,
                 "task": model.task.value,
-                "serves": sorted(kind.value for kind in engine.serves if kind.task is model.task),
+                "serves": sorted(kind.value for kind in JobKind if serves(model, engine, kind)),
                 "features": sorted(feature.value for feature in engine.features),
                 "state": _model_state(pool),
                 **pool.status(),

@@ -4,8 +4,8 @@ An engine class is constructed once per model instance; the constructor loads th
 seconds) and ``close()`` frees them. Engines never see HTTP, OpenAI wire schemas or the pool.
 
 What an engine can do is declared once, on its class, and everything else reads that declaration:
-- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription, speech), each one method of
-  the matching base class below. The model tasks it can be configured for follow from them.
+- ``serves``: the kinds of job it runs (chat, completion, embedding, transcription, speech, rerank), each one
+  method of the matching base class below. The model tasks it can be configured for follow from them.
 - ``features``: the optional parts of a job it honours (n, logprobs, tools, ...). Admission refuses a job
   that uses any other feature with a 400 naming the request parameter, before the request queues;
   ``GET /`` lists the declaration; the contract tests test each declared feature and the refusal of
@@ -44,6 +44,8 @@ from lllmsd.core.jobs import (
     JobKind,
     ModelTask,
     Preload,
+    RerankJob,
+    RerankResult,
     SpeechAudio,
     SpeechJob,
     TranscriptionEvent,
@@ -163,3 +165,14 @@ class SpeechEngine(Engine):
             yield SpeechAudio(encoder.finish())
         finally:
             encoder.close()
+
+
+class RerankEngine(Engine):
+    """Cross-encoder ranking: one relevance score per document of the job, in its order, from the model
+    reading the query and the document together. A long list is scored in batches of ``max_batch_size``
+    (query, document) pairs. (Embedding models need no rerank method: core ranks with their embeddings.)"""
+
+    serves: ClassVar[frozenset[JobKind]] = frozenset({JobKind.RERANK})
+
+    def rerank(self, job: RerankJob) -> RerankResult:
+        raise NotImplementedError

@@ -9,6 +9,9 @@ What it answers, so tests can assert it:
 - tools: with tool_choice "required" or a function name, or "auto" when the last user message names a
   tool, it calls that tool with arguments ``{"text": <last user message>}``.
 - embeddings: unit vectors derived from a hash of the text (equal texts, equal vectors).
+- rerank (a model configured with task rerank): each document scores the share of the query's words it
+  contains (case and punctuation ignored), 0 to 1; a pair is as many tokens as it has words, and a pair
+  longer than the context is cut to it (``truncate``) or refused naming the document.
 - transcription: "fake transcript of N bytes" ("fake translation ..." for translations), in one segment,
   with its words spread evenly over the audio when word timestamps are asked for.
 - speech: a tone per sentence, ``FAKE_SPEECH_SECONDS_PER_CHAR`` seconds a character divided by the speed,
@@ -49,6 +52,8 @@ from lllmsd.core.jobs import (
     GenerationEvent,
     JobKind,
     Preload,
+    RerankJob,
+    RerankResult,
     SpeechJob,
     TextDelta,
     TokenLogprob,
@@ -61,8 +66,15 @@ from lllmsd.core.jobs import (
     TranscriptWord,
     Usage,
 )
-from lllmsd.engines.base import EmbeddingEngine, ModelFiles, SpeechEngine, TextEngine, TranscriptionEngine
-from lllmsd.errors import ContextLengthExceeded
+from lllmsd.engines.base import (
+    EmbeddingEngine,
+    ModelFiles,
+    RerankEngine,
+    SpeechEngine,
+    TextEngine,
+    TranscriptionEngine,
+)
+from lllmsd.errors import ContextLengthExceeded, InvalidRequest
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 256
@@ -78,6 +90,10 @@ def _words(text: str | None) -> list[str]:
     return (text or "").split()
 
 
+def _plain_words(text: str) -> list[str]:
+    return [word.strip(".,;:!?\"'()").lower() for word in _words(text)]
+
+
 def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
     tokens: list[str] = []
     for message in messages:
@@ -89,7 +105,7 @@ def chat_prompt_tokens(messages: tuple[ChatMessage, ...]) -> list[str]:
     return tokens
 
 
-class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine):
+class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine, RerankEngine):
     name = "fake"
     serves = frozenset(JobKind)
     features = frozenset(Feature) - {
@@ -264,6 +280,26 @@ class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine)
         raw = raw[:dimensions]
         norm = math.sqrt(sum(v * v for v in raw)) or 1.0
         return [v / norm for v in raw]
+
+    # ---------------------------------------------------------------------------------------- rerank
+
+    def rerank(self, job: RerankJob) -> RerankResult:
+        query = _plain_words(job.query)
+        scores: list[float] = []
+        tokens = 0
+        for index, document in enumerate(job.documents):
+            length = len(_words(job.query)) + len(_words(document))
+            if length > self.context_size and not self.config.truncate:
+                raise InvalidRequest(
+                    f"documents[{index}] is {length} tokens long together with the query, but this model reads "
+                    f"at most {self.context_size} (truncate is off for this model)",
+                    param="documents",
+                    code="context_length_exceeded",
+                )
+            tokens += min(length, self.context_size)
+            found = set(_plain_words(document))
+            scores.append(sum(1 for word in query if word in found) / len(query) if query else 0.0)
+        return RerankResult(scores=scores, total_tokens=tokens)
 
     # --------------------------------------------------------------------------------- transcription
 

@@ -141,7 +141,10 @@ def builtin_engines() -> EngineRegistry:
             ),
             EngineSpec(
                 "sentence-transformers",
-                ("lllmsd.engines.sentence_transformers:SentenceTransformersEngine",),
+                (
+                    "lllmsd.engines.sentence_transformers:SentenceTransformersEngine",
+                    "lllmsd.engines.sentence_transformers_rerank:SentenceTransformersCrossEncoder",
+                ),
                 SentenceTransformersModelConfig,
                 "sentence-transformers",
                 ("sentence_transformers",),

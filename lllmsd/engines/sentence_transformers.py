@@ -43,7 +43,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
 
     def __init__(self, config: SentenceTransformersModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
-        folder = _model_folder(files)
+        folder = model_folder(files)
         runner: _TorchRunner | _OnnxRunner
         if config.backend == "onnx":
             runner = _OnnxRunner(folder, config.file_name, config.device.threads)
@@ -77,7 +77,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
         texts = [self._text(index, item) for index, item in enumerate(job.inputs)]
         lengths = [len(encoding.ids) for encoding in self._counter.encode_batch(texts)]
         if not self.config.truncate:
-            self._check_lengths(lengths)
+            self._check_lengths(job, lengths)
         vectors = self._encode(texts, lengths)
         counts = [min(length, self.max_seq_length) for length in lengths]
         return EmbeddingResult(vectors=vectors, token_counts=counts)
@@ -102,13 +102,14 @@ class SentenceTransformersEngine(EmbeddingEngine):
             )
         return text
 
-    def _check_lengths(self, lengths: Sequence[int]) -> None:
+    def _check_lengths(self, job: EmbeddingJob, lengths: Sequence[int]) -> None:
         for index, length in enumerate(lengths):
             if length > self.max_seq_length:
+                name, param = job.name_of(index)
                 raise InvalidRequest(
-                    f"input[{index}] is {length} tokens long, but this model takes at most {self.max_seq_length} "
+                    f"{name} is {length} tokens long, but this model takes at most {self.max_seq_length} "
                     "tokens (truncate is off for this model)",
-                    param="input",
+                    param=param,
                     code="context_length_exceeded",
                 )
 
@@ -231,7 +232,7 @@ class _OnnxRunner:
 # -------------------------------------------------------------------------------------- folder reading
 
 
-def _model_folder(files: ModelFiles) -> Path:
+def model_folder(files: ModelFiles) -> Path:
     path = files.path
     if path is None or not path.is_dir():
         raise ModelUnavailable(f"a sentence-transformers model is a folder; {path} is not one")

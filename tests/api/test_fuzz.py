@@ -17,6 +17,7 @@ FAKE_MODELS = {
     "emb": {"task": "embedding", "engine": "fake"},
     "stt": {"task": "speech-to-text", "engine": "fake"},
     "tts": {"task": "text-to-speech", "engine": "fake"},
+    "rr": {"task": "rerank", "engine": "fake"},
 }
 EXAMPLES = {"POST": 12, "GET": 3, "DELETE": 3}  # per operation and mode: the suite stays well under a minute
 
@@ -46,7 +47,9 @@ def test_every_route_survives_fuzzing_on_the_fake_engine(fake_daemon: DaemonThre
             model_ids=list(FAKE_MODELS),
         )
         fuzzed += 1
-    assert fuzzed == 28  # every route: 12 under each of the two API prefixes, and /, /health, /metrics, /openapi.json
+    # every route: 13 under each of the two API prefixes, /rerank, /v2/rerank, and /, /health, /metrics,
+    # /openapi.json
+    assert fuzzed == 32
     assert not findings, report(findings)
     health = fake_daemon_status(fake_daemon)
     for model_id, model in health["models"].items():

@@ -95,7 +95,8 @@ async def test_get_status_shows_each_models_declaration(toy: TestClient) -> None
     models = (await (await toy.get("/")).json())["models"]
     assert models["toy"]["serves"] == ["chat", "completion"]
     assert models["toy"]["features"] == ["seed"]
-    assert models["emb"]["serves"] == ["embedding"]  # the fake serves every kind; this model takes one
+    # the fake serves every kind; this model takes embeddings, and rerank requests answered by cosine
+    assert models["emb"]["serves"] == ["embedding", "rerank"]
     assert set(models["emb"]["features"]) == {f.value for f in FakeEngine.features}
     assert ToyEngine.tasks() == {ModelTask.TEXT_COMPLETION}
 

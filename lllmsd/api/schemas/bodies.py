@@ -299,6 +299,35 @@ class EmbeddingList(_Body):
     usage: EmbeddingUsage
 
 
+# ----------------------------------------------------------------------------------------------- rerank
+
+
+class RerankDocument(_Body):
+    text: str
+
+
+class RerankItem(_Body):
+    index: int = Field(description="The document's position in the request's documents.")
+    relevance_score: float = Field(
+        description="Higher is more relevant: a rerank model's score (0 to 1 for most), or an embedding "
+        "model's cosine similarity (-1 to 1)."
+    )
+    document: RerankDocument | None = Field(None, description="With return_documents (the default).")
+
+
+class RerankUsage(_Body):
+    total_tokens: int
+
+
+class RerankResponse(_Body):
+    """Results sorted by relevance_score, highest first; at most top_n of them."""
+
+    id: str
+    model: str
+    results: list[RerankItem]
+    usage: RerankUsage
+
+
 # ----------------------------------------------------------------------------------------------- models
 
 

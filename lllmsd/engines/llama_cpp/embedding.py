@@ -41,13 +41,13 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
             llama.close()
 
     def embed(self, job: EmbeddingJob) -> EmbeddingResult:
-        sequences = [self._tokens(item, index) for index, item in enumerate(job.inputs)]
+        sequences = [self._tokens(item, *job.name_of(index)) for index, item in enumerate(job.inputs)]
         vectors: list[list[float]] = []
         for group in self._batches(sequences):
             vectors += self._embed_batch(group)
         return EmbeddingResult(vectors=vectors, token_counts=[len(s) for s in sequences])
 
-    def _tokens(self, item: str | tuple[int, ...], index: int) -> list[int]:
+    def _tokens(self, item: str | tuple[int, ...], name: str, param: str) -> list[int]:
         tokens = tokenize(self._llama, item) if isinstance(item, str) else [int(t) for t in item]
         if not tokens:
             raise InvalidRequest("input: empty inputs cannot be embedded", param="input", code="invalid_value")
@@ -59,9 +59,9 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
             if self.config.truncate:  # a sequence is evaluated whole in one batch of context_size tokens
                 return tokens[: self.context_size]
             raise InvalidRequest(
-                f"input[{index}] is {len(tokens)} tokens, longer than the model's maximum of {self.context_size} "
+                f"{name} is {len(tokens)} tokens, longer than the model's maximum of {self.context_size} "
                 "tokens (truncate is off for this model)",
-                param="input",
+                param=param,
                 code="context_length_exceeded",
             )
         return tokens
