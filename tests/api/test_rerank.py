@@ -165,7 +165,8 @@ async def test_rerank_and_embedding_requests_share_the_embedding_batches(start_a
     (status, body), embedded = await asyncio.gather(
         post(client, request), client.post("/v1/embeddings", json={"model": "emb", "input": texts})
     )
-    assert status == 200 and embedded.status == 200
+    assert status == 200
+    assert embedded.status == 200
     assert len((await embedded.json())["data"]) == 4
     assert batcher.batches_run == 2
 

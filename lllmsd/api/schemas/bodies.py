@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lllmsd.core.jobs import ModelTask
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -461,7 +463,7 @@ class PoolStatus(_Body):
 
 class ModelStatus(PoolStatus):
     engine: str
-    task: Literal["text-completion", "embedding", "speech-to-text", "text-to-speech"]
+    task: ModelTask  # every task there is, so a new one cannot be missed here
     serves: list[str] = Field(description="The kinds of request the model takes (chat, completion, ...).")
     features: list[str] = Field(description="The optional features its engine honours (n, logprobs, tools, ...).")
     state: Literal["busy", "ready", "loading", "error", "unloaded"]
