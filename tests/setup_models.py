@@ -119,13 +119,13 @@ def cross_encoder() -> Path:
     of 32 dimensions, 128 positions) with all-MiniLM's tokenizer: no PyPI package ships cross-encoder
     weights, so this tests the CrossEncoder path's plumbing (shapes, order, batching, lengths), never
     its ranking quality. Seeded, so every build is the same model; built once into the cache."""
-    out = MODELS_DIR / "cross-encoder-random-bert"
+    out = MODELS_DIR / "cross-encoder-random-bert-v2"
     if (out / "model.safetensors").exists():
         return out
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    tmp = MODELS_DIR / "cross-encoder-random-bert.partial"
+    tmp = MODELS_DIR / "cross-encoder-random-bert-v2.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(18)
@@ -139,11 +139,97 @@ def cross_encoder() -> Path:
         initializer_range=0.2,  # wider than BERT's 0.02, so random scores differ visibly between documents
         num_labels=1,
     )
-    BertForSequenceClassification(config).eval().save_pretrained(tmp)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # llama.cpp gives every token type 0: equal rows make both libraries read pairs alike
+        types = model.bert.embeddings.token_type_embeddings.weight
+        types[1] = types[0]
+    model.save_pretrained(tmp)
     tokenizer = minilm()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copyfile(tokenizer / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# the random cross-encoder's tensors by their llama.cpp names (what convert_hf_to_gguf.py writes for BERT)
+_BERT_GGUF_NAMES = {
+    "bert.embeddings.word_embeddings.weight": "token_embd.weight",
+    "bert.embeddings.position_embeddings.weight": "position_embd.weight",
+    "bert.embeddings.token_type_embeddings.weight": "token_types.weight",
+    "bert.embeddings.LayerNorm.weight": "token_embd_norm.weight",
+    "bert.embeddings.LayerNorm.bias": "token_embd_norm.bias",
+    "bert.pooler.dense.weight": "cls.weight",  # rank pooling: dense + tanh on [CLS], then the output head
+    "bert.pooler.dense.bias": "cls.bias",
+    "classifier.weight": "cls.output.weight",
+    "classifier.bias": "cls.output.bias",
+}
+_BERT_GGUF_LAYER_NAMES = {
+    "attention.self.query": "attn_q",
+    "attention.self.key": "attn_k",
+    "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output",
+    "attention.output.LayerNorm": "attn_output_norm",
+    "intermediate.dense": "ffn_up",
+    "output.dense": "ffn_down",
+    "output.LayerNorm": "layer_output_norm",
+}
+
+
+def cross_encoder_gguf() -> Path:
+    """The random cross-encoder above as a llama.cpp GGUF reranker (arch ``bert``, rank pooling, float32):
+    the same weights, so the llama-cpp engine's scores can be checked against sentence-transformers'.
+    Written with ``gguf.GGUFWriter`` as llama.cpp's convert_hf_to_gguf.py would (WordPiece vocabulary with
+    the phantom-space prefix), since that script is not on PyPI."""
+    out = MODELS_DIR / "cross-encoder-random-bert-v2.gguf"
+    if out.exists():
+        return out
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    folder = cross_encoder()
+    hf = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    special = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+
+    def phantom(token: str) -> str:  # llama.cpp's WordPiece marks word starts, not continuations
+        if token in special or (token.startswith("[") and token.endswith("]")):
+            return token
+        return token[2:] if token.startswith("##") else "\u2581" + token
+
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), "bert")
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_layer_norm_eps(hf["layer_norm_eps"])
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_token_type_count(hf["type_vocab_size"])
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([phantom(t) for t in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in vocab])
+    for kind, token in (("unk", "[UNK]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("bos", "[CLS]"), ("mask", "[MASK]")):
+        getattr(writer, f"add_{kind}_token_id")(vocab.index(token))
+    for name, array in tensors.items():
+        if name in _BERT_GGUF_NAMES:
+            target = _BERT_GGUF_NAMES[name]
+        else:
+            layer, _, rest = name.removeprefix("bert.encoder.layer.").partition(".")
+            module, _, kind = rest.rpartition(".")
+            target = f"blk.{layer}.{_BERT_GGUF_LAYER_NAMES[module]}.{kind}"
+        writer.add_tensor(target, array.astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     tmp.rename(out)
     return out
 
@@ -194,6 +280,7 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "minilm": minilm,
     "minilm-onnx": minilm_onnx,
     "cross-encoder": cross_encoder,
+    "cross-encoder-gguf": cross_encoder_gguf,
     "whisper-tiny-en": whisper_tiny_en,
     "whisper-base": whisper_base,
     "piper-joe": piper_joe,

@@ -131,6 +131,7 @@ def builtin_engines() -> EngineRegistry:
                 (
                     "lllmsd.engines.llama_cpp.text:LlamaCppTextEngine",
                     "lllmsd.engines.llama_cpp.embedding:LlamaCppEmbeddingEngine",
+                    "lllmsd.engines.llama_cpp.rerank:LlamaCppRerankEngine",
                 ),
                 LlamaCppModelConfig,
                 "llama-cpp",

@@ -1,5 +1,6 @@
-"""Rerank on real engines, over HTTP: all-MiniLM-L6-v2 ranking by cosine on torch and on onnxruntime, and
-the CrossEncoder path on a small random BERT cross-encoder the tests build (tests/setup_models.py).
+"""Rerank on real engines, over HTTP: all-MiniLM-L6-v2 ranking by cosine on torch and on onnxruntime, the
+CrossEncoder path on a small random BERT cross-encoder the tests build (tests/setup_models.py), and the
+llama-cpp rank-pooling path on the same weights written as a GGUF reranker.
 
 No PyPI package ships cross-encoder weights, so the cross-encoder tests check what a random model can
 show: the scores are the library's own (``CrossEncoder.predict``) for the same pairs, results are sorted
@@ -39,6 +40,16 @@ PASSAGES = [
 ]
 
 
+def gguf_model(**options: Any) -> dict[str, Any]:
+    return {
+        "task": "rerank",
+        "engine": "llama-cpp",
+        "location": str(model_path("cross-encoder-gguf")),
+        "device": {"threads": 1, "batch_threads": 1},
+        **options,
+    }
+
+
 def cross_encoder_model(**options: Any) -> dict[str, Any]:
     return {
         "task": "rerank",
@@ -68,6 +79,8 @@ def daemon() -> Iterator[Client]:
                 "ce": cross_encoder_model(),
                 "ce-small-batches": cross_encoder_model(max_batch_size=2),
                 "ce-strict": cross_encoder_model(truncate=False),
+                "gguf": gguf_model(),
+                "gguf-strict": gguf_model(truncate=False),
             },
             "shutdown_grace": 5,  # torch workers can be slow to exit on a busy machine: do not wait 30 s
         }
@@ -190,6 +203,43 @@ def test_a_cross_encoder_serves_no_embeddings(daemon: Client) -> None:
     status, answer = daemon.post("/v1/embeddings", {"model": "ce", "input": "hello"})
     assert status == 400
     assert answer["error"]["code"] == "unsupported_task"
+
+
+# ------------------------------------------------------------------- llama-cpp: rank pooling on a GGUF
+
+
+def test_gguf_rank_pooling_scores_what_the_cross_encoder_scores(daemon: Client, reference: Any) -> None:
+    # the same random weights: llama.cpp's BERT with rank pooling and sentence-transformers agree
+    body = rerank(daemon, {"model": "gguf", "query": QUERY, "documents": PASSAGES})
+    expected = reference.predict([(QUERY, p) for p in PASSAGES])
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(PASSAGES))], expected, atol=1e-3)
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    # [CLS] query [SEP] document [SEP], as transformers' tokenizer makes a pair
+    pairs = reference.tokenizer([QUERY] * len(PASSAGES), PASSAGES)["input_ids"]
+    assert body["usage"]["total_tokens"] == sum(len(ids) for ids in pairs)
+
+
+def test_gguf_pairs_packed_into_batches_score_as_alone(daemon: Client) -> None:
+    documents = PASSAGES * 3  # 21 pairs of ~20 tokens: several batches of the 128-token context
+    together = rerank(daemon, {"model": "gguf", "query": QUERY, "documents": documents})
+    got = {r["index"]: r["relevance_score"] for r in together["results"]}
+    alone = [rerank(daemon, {"model": "gguf", "query": QUERY, "documents": [p]})["results"][0] for p in PASSAGES]
+    np.testing.assert_allclose([got[i] for i in range(21)], [a["relevance_score"] for a in alone] * 3, atol=1e-5)
+
+
+def test_gguf_cuts_or_refuses_a_pair_longer_than_its_context(daemon: Client, reference: Any) -> None:
+    documents = ["Paris.", "word " * 200]  # the GGUF was trained on 128 positions
+    status, answer = daemon.post("/v1/rerank", {"model": "gguf-strict", "query": QUERY, "documents": documents})
+    assert status == 400
+    assert (answer["error"]["param"], answer["error"]["code"]) == ("documents", "context_length_exceeded")
+    length = len(reference.tokenizer(QUERY, documents[1])["input_ids"])
+    assert answer["error"]["message"].startswith(f"documents[{1}] is {length} tokens long together with the query")
+    body = rerank(daemon, {"model": "gguf", "query": QUERY, "documents": documents})
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    expected = reference.predict([(QUERY, d) for d in documents])  # the query is short: both cut the document
+    np.testing.assert_allclose([got[0], got[1]], expected, atol=1e-3)
 
 
 def test_a_cross_encoder_on_the_onnx_backend_is_a_config_error() -> None:

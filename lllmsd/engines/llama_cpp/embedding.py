@@ -67,19 +67,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
         return tokens
 
     def _batches(self, sequences: list[list[int]]) -> Iterator[list[list[int]]]:
-        """Pack inputs into batches of at most n_batch tokens and n_seq_max sequences."""
-        limit_tokens = self._llama.n_batch
-        limit_seqs = self._llama.context_params.n_seq_max
-        group: list[list[int]] = []
-        size = 0
-        for tokens in sequences:
-            if group and (size + len(tokens) > limit_tokens or len(group) >= limit_seqs):
-                yield group
-                group, size = [], 0
-            group.append(tokens)
-            size += len(tokens)
-        if group:
-            yield group
+        return pack(sequences, self._llama.n_batch, self._llama.context_params.n_seq_max)
 
     def _embed_batch(self, group: list[list[int]]) -> list[list[float]]:
         llama = self._llama
@@ -97,6 +85,20 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
         batch.reset()
         llama._ctx.kv_cache_clear()
         return vectors
+
+
+def pack(sequences: list[list[int]], limit_tokens: int, limit_seqs: int) -> Iterator[list[list[int]]]:
+    """Pack sequences, in order, into batches of at most ``limit_tokens`` tokens and ``limit_seqs`` sequences."""
+    group: list[list[int]] = []
+    size = 0
+    for tokens in sequences:
+        if group and (size + len(tokens) > limit_tokens or len(group) >= limit_seqs):
+            yield group
+            group, size = [], 0
+        group.append(tokens)
+        size += len(tokens)
+    if group:
+        yield group
 
 
 def _normalised(vector: np.ndarray) -> list[float]:

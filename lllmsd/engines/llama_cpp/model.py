@@ -25,8 +25,11 @@ DEFAULT_CONTEXT = 4096
 DEFAULT_EMBEDDING_CONTEXT = 2048
 
 
-def load_llama(config: LlamaCppModelConfig, files: ModelFiles, *, embedding: bool) -> llama_cpp.Llama:
-    """The instance's ``Llama``: for generation, or (``embedding``) with mean pooling over one batch."""
+def load_llama(
+    config: LlamaCppModelConfig, files: ModelFiles, *, embedding: bool, pooling: int = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+) -> llama_cpp.Llama:
+    """The instance's ``Llama``: for generation, or (``embedding``) with ``pooling`` over one batch (mean
+    for embeddings, rank for a reranker's classification head)."""
     if files.path is None:
         raise InvalidRequest("the llama-cpp engine needs a GGUF file")
     path = str(files.path)
@@ -40,7 +43,7 @@ def load_llama(config: LlamaCppModelConfig, files: ModelFiles, *, embedding: boo
         n_threads=config.device.threads or default_threads(config.max_instances),
         n_threads_batch=config.device.batch_threads or default_batch_threads(config.max_instances),
         embedding=embedding,
-        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
+        pooling_type=pooling if embedding else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
         verbose=False,
     )
     log.info("llama-cpp: loaded %s (context %d)", path, llama.n_ctx())
