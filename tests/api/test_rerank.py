@@ -265,3 +265,23 @@ async def test_an_engine_failure_is_a_clear_error_and_the_model_keeps_serving(st
     status, body = await post(client, {"model": "rr", "query": QUERY, "documents": DOCUMENTS})
     assert status == 200, body
     assert [r["index"] for r in body["results"]] == [2, 1, 0]
+
+
+# ------------------------------------------------------------------------------- a real rerank client
+
+
+async def test_the_cohere_sdk_reranks_through_v2_rerank(client: TestClient) -> None:
+    """Cohere's own client (ClientV2.rerank posts to {base_url}/v2/rerank), unchanged but for its base URL."""
+    import cohere
+
+    async with cohere.AsyncClientV2(base_url=str(client.make_url("")).rstrip("/"), api_key="unused") as api:
+        answer = await api.rerank(model="rr", query=QUERY, documents=DOCUMENTS, top_n=2)
+        assert [r.index for r in answer.results] == [2, 1]
+        assert [r.relevance_score for r in answer.results] == pytest.approx([5 / 6, 2 / 6])
+        by_cosine = await api.rerank(model="emb", query=QUERY, documents=DOCUMENTS)
+        assert [r.relevance_score for r in by_cosine.results] == pytest.approx(
+            sorted((cosine(QUERY, d) for d in DOCUMENTS), reverse=True), abs=1e-6
+        )
+        with pytest.raises(cohere.BadRequestError) as refused:
+            await api.rerank(model="rr", query=QUERY, documents=DOCUMENTS, top_n=0)
+    assert refused.value.body["error"]["param"] == "top_n"

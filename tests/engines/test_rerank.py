@@ -235,7 +235,7 @@ def test_gguf_cuts_or_refuses_a_pair_longer_than_its_context(daemon: Client, ref
     assert status == 400
     assert (answer["error"]["param"], answer["error"]["code"]) == ("documents", "context_length_exceeded")
     length = len(reference.tokenizer(QUERY, documents[1])["input_ids"])
-    assert answer["error"]["message"].startswith(f"documents[{1}] is {length} tokens long together with the query")
+    assert answer["error"]["message"].startswith(f"documents[1] is {length} tokens long together with the query")
     body = rerank(daemon, {"model": "gguf", "query": QUERY, "documents": documents})
     got = {r["index"]: r["relevance_score"] for r in body["results"]}
     expected = reference.predict([(QUERY, d) for d in documents])  # the query is short: both cut the document
