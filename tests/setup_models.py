@@ -178,18 +178,22 @@ _BERT_GGUF_LAYER_NAMES = {
 
 def cross_encoder_gguf() -> Path:
     """The random cross-encoder above as a llama.cpp GGUF reranker (arch ``bert``, rank pooling, float32):
-    the same weights, so the llama-cpp engine's scores can be checked against sentence-transformers'.
-    Written with ``gguf.GGUFWriter`` as llama.cpp's convert_hf_to_gguf.py would (WordPiece vocabulary with
-    the phantom-space prefix), since that script is not on PyPI."""
+    the same weights, so the llama-cpp engine's scores can be checked against sentence-transformers'."""
     out = MODELS_DIR / "cross-encoder-random-bert-v2.gguf"
-    if out.exists():
-        return out
+    if not out.exists():
+        write_bert_reranker_gguf(cross_encoder(), out)
+    return out
+
+
+def write_bert_reranker_gguf(folder: Path, out: Path) -> None:
+    """A BertForSequenceClassification folder (one label) as a GGUF reranker, written with
+    ``gguf.GGUFWriter`` as llama.cpp's convert_hf_to_gguf.py would (WordPiece vocabulary with the
+    phantom-space prefix), since that script is not on PyPI."""
     import json
 
     import gguf
     from safetensors.numpy import load_file
 
-    folder = cross_encoder()
     hf = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
@@ -221,17 +225,18 @@ def cross_encoder_gguf() -> Path:
     for name, array in tensors.items():
         if name in _BERT_GGUF_NAMES:
             target = _BERT_GGUF_NAMES[name]
-        else:
+        elif name.startswith("bert.encoder.layer."):
             layer, _, rest = name.removeprefix("bert.encoder.layer.").partition(".")
             module, _, kind = rest.rpartition(".")
             target = f"blk.{layer}.{_BERT_GGUF_LAYER_NAMES[module]}.{kind}"
+        else:
+            continue  # buffers such as position_ids
         writer.add_tensor(target, array.astype("float32"))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     tmp.rename(out)
-    return out
 
 
 def whisper_tiny_en() -> Path:
