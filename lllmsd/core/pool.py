@@ -51,6 +51,7 @@ from lllmsd.core.limit import ConcurrencyLimit
 from lllmsd.core.rerank import rerank_by_cosine
 from lllmsd.engines.base import Engine, ModelFiles
 from lllmsd.errors import (
+    EngineError,
     LllmsdError,
     ModelUnavailable,
     QueueTimeout,
@@ -145,7 +146,10 @@ class ModelPool:
         if self.batcher is not None:
             return await rerank_by_cosine(self.batcher.embed, job)
         async with self.acquire() as instance:
-            return await instance.rerank(job)
+            result = await instance.rerank(job)
+        if len(result.scores) != len(job.documents):  # an engine bug must not reach clients as wrong indices
+            raise EngineError(f"the engine returned {len(result.scores)} scores for {len(job.documents)} documents")
+        return result
 
     def reap(self) -> None:
         """Dispose instances idle past their TTL, fail waiters past the queue timeout, refill the minimum."""

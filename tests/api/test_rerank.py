@@ -285,3 +285,14 @@ async def test_the_cohere_sdk_reranks_through_v2_rerank(client: TestClient) -> N
         with pytest.raises(cohere.BadRequestError) as refused:
             await api.rerank(model="rr", query=QUERY, documents=DOCUMENTS, top_n=0)
     assert refused.value.body["error"]["param"] == "top_n"
+
+
+async def test_an_engine_that_loses_scores_is_a_500_not_wrong_indices(start_app: AppFactory) -> None:
+    class Short(FakeEngine):
+        def rerank(self, job: RerankJob) -> RerankResult:
+            full = super().rerank(job)
+            return RerankResult(scores=full.scores[:-1], total_tokens=full.total_tokens)
+
+    client = await start_app(make_config({"rr": rerank_model()}), engines={"fake": Short})
+    status, body = await post(client, {"model": "rr", "query": QUERY, "documents": DOCUMENTS})
+    assert_error(status, body, None, "2 scores for 3 documents", code=500)

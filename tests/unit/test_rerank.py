@@ -80,3 +80,25 @@ def test_document_objects_become_their_text() -> None:
     body = RerankRequest.model_validate({"model": "m", "query": "q", "documents": [{"text": "a"}, "b"]})
     assert body.documents == ["a", "b"]
     assert body.to_job(config(task="rerank")) == RerankJob(query="q", documents=("a", "b"))
+
+
+def test_rerank_options_go_with_the_models_that_rank() -> None:
+    from lllmsd.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config(
+            {
+                "models": {
+                    "chat": {"task": "text-completion", "engine": "fake", "max_rerank_documents": 5},
+                    "rr": {"task": "rerank", "engine": "fake", "rerank_by_cosine": False, "batch_window_ms": 5},
+                }
+            }
+        )
+    assert error.value.problems == [
+        ("models.chat.max_rerank_documents", "only embedding and rerank models take this option"),
+        ("models.rr.batch_window_ms", "only embedding models take this option"),
+        ("models.rr.rerank_by_cosine", "only embedding models take this option"),
+    ]
+    rr = parse_config({"models": {"rr": {"task": "rerank", "engine": "fake", "max_batch_size": 4, "truncate": False}}})
+    assert rr.models["rr"].max_rerank_documents == 1000
+    assert rr.models["rr"].request_seconds() == 120
