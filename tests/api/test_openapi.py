@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from lllmsd.api.openapi import REF, build_document, undocumented_routes
 from lllmsd.api.schemas.embeddings import EmbeddingRequest
+from lllmsd.api.schemas.rerank import RerankRequest
 from lllmsd.api.schemas.responses import ResponseCreateRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
 from lllmsd.app import create_app
@@ -122,6 +123,8 @@ def test_conformance_rejects_a_response_that_breaks_its_schema() -> None:
         ("/v1/completions", CompletionRequest),
         ("/v1/embeddings", EmbeddingRequest),
         ("/v1/responses", ResponseCreateRequest),
+        ("/v1/rerank", RerankRequest),
+        ("/v2/rerank", RerankRequest),
     ],
 )
 async def test_request_schemas_are_the_validating_models(daemon: TestClient, path: str, model: type) -> None:
@@ -206,6 +209,9 @@ async def test_embedding_model_and_daemon_responses_conform(daemon: TestClient) 
         body = {"model": "emb", "input": ["a", "b"], "encoding_format": fmt}
         response = await daemon.post("/v1/embeddings", json=body)
         spec.check_response("/v1/embeddings", "post", 200, await response.json())
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        body = {"model": "emb", "query": "a", "documents": ["a", {"text": "b"}], "top_n": 1}
+        spec.check_response(path, "post", 200, await (await daemon.post(path, json=body)).json())
     spec.check_response("/v1/models", "get", 200, await (await daemon.get("/v1/models")).json())
     spec.check_response("/v1/models/{model}", "get", 200, await (await daemon.get("/v1/models/chat")).json())
     spec.check_response("/health", "get", 200, await (await daemon.get("/health")).json())
