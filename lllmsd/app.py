@@ -8,12 +8,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lllmsd.api import audio, embeddings, models, rerank, responses, speech, status, text
+from lllmsd.api import audio, embeddings, models, probes, rerank, responses, speech, status, text
 from lllmsd.api.auth import auth_middleware
 from lllmsd.api.keys import RESPONSE_STORE, RUNTIME
 from lllmsd.api.metrics import metrics_middleware, setup_metrics
 from lllmsd.api.middleware import error_middleware, request_context_middleware
 from lllmsd.api.openapi import setup_openapi
+from lllmsd.api.probes import DRAIN, Drain, drain_middleware
+from lllmsd.api.session import echo_session, session_middleware
 from lllmsd.config import DaemonConfig
 from lllmsd.core.clock import Clock
 from lllmsd.core.response_store import ResponseStore
@@ -45,13 +47,23 @@ def create_app(
         engines = builtin_engines().with_classes(engines or {})
     app = web.Application(
         client_max_size=config.max_body_size,
-        # outermost first: the metrics see the final status, errors (a 401 too) become envelopes
-        middlewares=[request_context_middleware, metrics_middleware, error_middleware, auth_middleware],
+        # outermost first: the metrics see the final status (a draining daemon's 503 too), errors (a 401, a bad
+        # session id) become envelopes
+        middlewares=[
+            request_context_middleware,
+            metrics_middleware,
+            drain_middleware,
+            error_middleware,
+            auth_middleware,
+            session_middleware,
+        ],
     )
     runtime = Runtime(config, engines=engines, clock=clock, store=store, base_dir=base_dir, reap_interval=reap_interval)
     app[RUNTIME] = runtime
     # opened on first use: a store that cannot be opened fails the Responses requests only
     app[RESPONSE_STORE] = ResponseStore(config.responses_path(), runtime.clock)
+    app[DRAIN] = Drain()
+    app.on_response_prepare.append(echo_session)
     setup_metrics(app, runtime)
 
     async def runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -69,6 +81,7 @@ def create_app(
 def _add_routes(app: web.Application) -> None:
     app.router.add_get("/", status.status)
     app.router.add_get("/health", status.health)
+    app.router.add_get("/ready", probes.ready)
     for prefix in API_PREFIXES:
         app.router.add_get(f"{prefix}/models", models.list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)

@@ -522,6 +522,13 @@ class DaemonConfig(_Section):
     responses: ResponsesConfig = Field(
         default_factory=ResponsesConfig, description="Where and for how long the Responses API keeps state."
     )
+    session_header: str = Field(
+        "X-Session-Id",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Request header that names a client's conversation. lllmsd echoes it on the response and "
+        "sends the session's next turn to the instance that served it last (its context is still cached there); "
+        "a balancer in front of several daemons hashes on the same header (docs/scale-out.md).",
+    )
     models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
 
     @field_validator("cache_dir", mode="after")

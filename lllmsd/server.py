@@ -3,9 +3,14 @@
 The server runs the app with AppRunner/TCPSite rather than ``web.run_app`` so it knows the moment the
 socket listens (READY=1 goes to systemd then, not before) and can handle SIGHUP itself.
 
-Signals: SIGINT/SIGTERM stop (STOPPING=1; aiohttp stops accepting connections, running requests get
-``shutdown_grace`` seconds, then every instance is disposed). SIGHUP re-reads the config file
-(RELOADING=1, then READY=1 with a STATUS line saying what changed or why the new file was refused).
+Signals: SIGINT/SIGTERM drain, then stop (api/probes.py). At once: STOPPING=1, ``GET /ready`` answers
+503, and every new request 503 ``shutting_down`` with ``Connection: close``, so a balancer sends it to
+another daemon; the daemon keeps listening meanwhile (an orchestrator's endpoint list lags behind the
+signal, and a refused connection would cost a request that a 503 does not). The requests already in the
+daemon get ``shutdown_grace`` seconds to finish; then the daemon stops listening, whatever still runs is
+cancelled, and every instance is disposed. A second SIGINT/SIGTERM ends the wait at once. SIGHUP re-reads
+the config file (RELOADING=1, then READY=1 with a STATUS line saying what changed or why the new file was
+refused).
 
 Connections: the site is a ``connections.CappedTCPSite``: at most ``max_connections`` are held (at the cap
 the least recently active idle one is closed to make room, and a new one is refused with 503 only when all
@@ -25,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from lllmsd.api.keys import RUNTIME
+from lllmsd.api.probes import DRAIN, Drain
 from lllmsd.app import create_app
 from lllmsd.config import ConfigError, DaemonConfig, load_config
 from lllmsd.connections import CappedTCPSite, connection_cap, raise_open_files_limit
@@ -34,6 +40,9 @@ from lllmsd.notify import Notifier
 log = logging.getLogger(__name__)
 
 LINGERING_TIME = 10.0  # aiohttp's default: how long an unread request body is drained after the response
+# After the drain's grace: how long a request still running gets to unwind once it is cancelled (the
+# grace itself is the drain's: runtime.config.shutdown_grace, read when the signal comes, so a reload applies)
+CANCEL_TIMEOUT = 2.0
 
 
 def run_server(
@@ -67,18 +76,22 @@ async def serve(
     notifier = notifier or Notifier()
     app = create_app(config, base_dir=config_path.parent)
     runtime = app[RUNTIME]
+    drain = app[DRAIN]
     runner = make_runner(app, config)
     await runner.setup()  # starts the runtime (min instances begin loading in the background)
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: stop waiting for the requests in the daemon
     try:
         await listen(runner, config, host, port)
         url = _url(runner)
         log.info("lllmsd serving %d models on %s/v1 (pid %d)", len(config.models), url, os.getpid())
-        _install_signals(stop, runtime, config_path, notifier)
+        _install_signals(stop, hurry, drain, runtime, config_path, notifier)
         notifier.ready(f"serving {len(config.models)} models on {url}")
         await stop.wait()
-        log.info("shutting down: running requests get %gs to finish", runtime.config.shutdown_grace)
-        notifier.stopping(f"stopping: running requests get {runtime.config.shutdown_grace:g}s to finish")
+        grace = runtime.config.shutdown_grace
+        log.info("shutting down: %d requests in the daemon get %gs to finish", drain.in_flight, grace)
+        notifier.stopping(f"stopping: requests in the daemon get {grace:g}s to finish")
+        await _drained(drain, hurry, grace)
     finally:
         _remove_signals()
         await runner.cleanup()
@@ -90,7 +103,7 @@ def make_runner(app: web.Application, config: DaemonConfig) -> web.AppRunner:
         app,
         access_log=None,  # our middleware logs one line per request, with the model and request id
         handler_cancellation=True,  # a client that goes away cancels its request (and its generation)
-        shutdown_timeout=config.shutdown_grace,
+        shutdown_timeout=CANCEL_TIMEOUT,  # the grace was the drain's (serve)
         **protocol_options(config),
     )
 
@@ -128,7 +141,20 @@ def _url(runner: web.AppRunner) -> str:
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _install_signals(stop: asyncio.Event, runtime: Runtime, config_path: Path, notifier: Notifier) -> None:
+async def _drained(drain: Drain, hurry: asyncio.Event, grace: float) -> None:
+    """Until the requests in the daemon have finished, ``grace`` seconds have passed, or ``hurry`` is set."""
+    idle = asyncio.ensure_future(drain.wait_idle(grace))
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait((idle, hurried), return_when=asyncio.FIRST_COMPLETED)
+    for task in (idle, hurried):
+        task.cancel()
+    if drain.in_flight:
+        log.warning("%d requests still running after the drain; cancelling them", drain.in_flight)
+
+
+def _install_signals(
+    stop: asyncio.Event, hurry: asyncio.Event, drain: Drain, runtime: Runtime, config_path: Path, notifier: Notifier
+) -> None:
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[ReloadResult | None]] = set()
 
@@ -137,8 +163,15 @@ def _install_signals(stop: asyncio.Event, runtime: Runtime, config_path: Path, n
         reloads.add(task)  # keep a reference until it finishes
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    def on_stop() -> None:
+        if stop.is_set():
+            hurry.set()
+            return
+        drain.start()  # here, not when serve() wakes: not ready, and refusing, from this very moment
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_stop)
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 

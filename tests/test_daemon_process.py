@@ -4,6 +4,7 @@ also how the tests know when the daemon is ready or has reloaded: no sleeping.""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -144,3 +146,44 @@ def test_reload_needs_a_running_daemon(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "does not hold a process id" in result.output
     assert CliRunner().invoke(main, ["reload"]).exit_code == 2  # neither --pid nor --pid-file
+
+
+def test_sigterm_drains_refusing_new_requests_and_finishing_a_running_stream(daemon: Daemon) -> None:
+    daemon.write_config({"a": FAKE, "slow": {**FAKE, "token_delay": 0.05}})
+    daemon.process.send_signal(signal.SIGHUP)
+    assert "added slow" in daemon.reloaded()
+    host, port = daemon.url.removeprefix("http://").split(":")
+    words = " ".join(f"w{i}" for i in range(40))  # the fake engine answers them back, one a token_delay
+    body = {"model": "slow", "messages": [{"role": "user", "content": words}], "stream": True}
+    stream = http.client.HTTPConnection(host, int(port), timeout=WAIT)
+    stream.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = stream.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the stream is running
+
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.next_notification()["STOPPING"] == "1"
+    # draining: not ready, alive, and new requests refused with a 503 a balancer can retry elsewhere
+    assert status_of(daemon.url + "/ready") == 503
+    assert daemon.get("/health") == {"status": "ok"}
+    refused = http.client.HTTPConnection(host, int(port), timeout=WAIT)
+    refused.request(
+        "POST", "/v1/chat/completions", json.dumps({**body, "stream": False}), {"Content-Type": "application/json"}
+    )
+    answer = refused.getresponse()
+    assert answer.status == 503
+    assert answer.getheader("Connection") == "close"
+    assert json.loads(answer.read())["error"]["code"] == "shutting_down"
+
+    rest = response.read().decode()  # the running stream finishes whole
+    assert rest.endswith("data: [DONE]\n\n")
+    assert '"finish_reason":"stop"' in rest
+    assert daemon.process.wait(WAIT) == 0
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=WAIT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code

@@ -1,5 +1,5 @@
 """Bearer-token authentication: with ``api_keys`` set (config or ``LLLMSD_API_KEYS``), every route but
-``GET /health`` needs ``Authorization: Bearer <key>``; anything else is a 401 in the OpenAI envelope.
+``GET /health`` and ``GET /ready`` need ``Authorization: Bearer <key>``; anything else is a 401 in the OpenAI envelope.
 
 The keys are read from the runtime's config on every request, so a reload that changes them applies at
 once. Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key
@@ -21,8 +21,9 @@ from lllmsd.errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
-# Liveness probes (systemd, load balancers, container runtimes) carry no credentials and learn nothing.
-OPEN_PATHS = frozenset({"/health"})
+# Liveness and readiness probes (systemd, load balancers, container runtimes) carry no credentials and
+# learn nothing but whether the daemon is up and ready.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 class BearerUnauthorized(Unauthorized):

@@ -15,3 +15,4 @@ RESPONSE_STORE = web.AppKey("response_store", ResponseStore)
 # per-request values the middlewares and handlers share
 REQUEST_ID = web.RequestKey("request_id", str)
 MODEL = web.RequestKey("model", str)
+SESSION = web.RequestKey("session", str)  # the client's session id (api/session.py), when it sent one

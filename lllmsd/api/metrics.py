@@ -8,7 +8,18 @@ Three sources, so the core never imports prometheus_client:
   cached prompt tokens (cache hits), from the engine's Usage event; ``observe_speech`` wraps a speech
   job's events: the seconds of audio produced;
 - ``RuntimeCollector`` reads ``runtime.status()`` at scrape time: instances by state, queue depth,
-  concurrency in use, download progress.
+  concurrency in use, download progress, and the load gauges an inference gateway reads (below).
+
+Load gauges, per model, with the meaning of vLLM's that the Gateway API Inference Extension's endpoint
+picker and llm-d read (docs/scale-out.md shows the flags that point them at these names):
+- ``lllmsd_num_requests_waiting`` (vllm:num_requests_waiting): requests queued for the model;
+- ``lllmsd_num_requests_running`` (vllm:num_requests_running): requests an instance is running now (for an
+  embedding model, batches);
+- ``lllmsd_kv_cache_usage_perc`` (vllm:kv_cache_usage_perc, 0-1): context tokens the model's instances
+  hold over the context they could hold: the context window times ``max_instances`` (or the instances
+  alive, if more: a retiring configuration's);
+- counters ``lllmsd_prompt_tokens_total``, ``lllmsd_cached_prompt_tokens_total`` (served from an instance's
+  cache, vllm:prefix_cache_hits_total) and ``lllmsd_evaluated_prompt_tokens_total`` (computed afresh).
 
 ``/metrics`` is protected like the API when ``api_keys`` are set (Prometheus sends a bearer token with
 ``authorization: {credentials_file: ...}`` in its scrape config); see docs/operations.md.
@@ -83,6 +94,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.evaluated_tokens = Counter(
+            "lllmsd_evaluated_prompt_tokens",
+            "Prompt tokens evaluated afresh (not served from an instance's cache).",
+            ["model"],
+            registry=r,
+        )
         self.cache_hits = Counter(
             "lllmsd_prompt_cache_hits",
             "Generations that reused at least one cached prompt token.",
@@ -112,6 +129,7 @@ class Metrics:
         self.prompt_tokens.labels(label).inc(usage.prompt_tokens)
         self.generated_tokens.labels(label).inc(usage.completion_tokens)
         self.cached_tokens.labels(label).inc(usage.cached_tokens)
+        self.evaluated_tokens.labels(label).inc(max(0, usage.prompt_tokens - usage.cached_tokens))
         if usage.cached_tokens:
             self.cache_hits.labels(label).inc()
 
@@ -218,6 +236,7 @@ class RuntimeCollector:
             queue.add_metric([model_id], waiting[model_id])
         yield instances
         yield queue
+        yield from _load_metrics(pools)
         yield GaugeMetricFamily(
             "lllmsd_concurrency_in_use",
             "Engine tasks running now, across all models.",
@@ -230,6 +249,44 @@ class RuntimeCollector:
         info = GaugeMetricFamily("lllmsd_build_info", "The daemon's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+def _load_metrics(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """The gauges an inference gateway picks endpoints by (see the module's docstring), per model; a model's
+    retiring configuration counts with its current one."""
+    waiting = GaugeMetricFamily(
+        "lllmsd_num_requests_waiting", "Requests queued for the model (vllm:num_requests_waiting).", labels=["model"]
+    )
+    running = GaugeMetricFamily(
+        "lllmsd_num_requests_running",
+        "Requests the model's instances run now; batches for an embedding model (vllm:num_requests_running).",
+        labels=["model"],
+    )
+    usage = GaugeMetricFamily(
+        "lllmsd_kv_cache_usage_perc",
+        "Context tokens the model's instances hold over the context they could hold, 0-1 (vllm:kv_cache_usage_perc).",
+        labels=["model"],
+    )
+    totals: dict[str, dict[str, int]] = {}
+    for model_id, pool in pools:
+        total = totals.setdefault(model_id, {"waiting": 0, "running": 0, "held": 0, "window": 0, "slots": 0})
+        live = [i for i in pool["instances"] if i["state"] in _LIVE_STATES]
+        total["waiting"] += pool["waiting"]
+        total["running"] += sum(1 for i in live if i["state"] == InstanceState.BUSY.value)
+        total["held"] += sum(i["context_tokens"] for i in live)
+        total["window"] = max([total["window"], *(i["context_size"] or 0 for i in live)])
+        total["slots"] += max(pool["max_instances"], len(live))
+    for model_id, total in totals.items():
+        waiting.add_metric([model_id], total["waiting"])
+        running.add_metric([model_id], total["running"])
+        capacity = total["window"] * total["slots"]
+        usage.add_metric([model_id], min(1.0, total["held"] / capacity) if capacity else 0.0)
+    yield waiting
+    yield running
+    yield usage
+
+
+_LIVE_STATES = frozenset(s.value for s in (InstanceState.LOADING, InstanceState.IDLE, InstanceState.BUSY))
 
 
 def _download_metrics(downloads: list[dict[str, Any]]) -> Iterator[Metric]:

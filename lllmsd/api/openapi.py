@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
 API_PREFIXES = ("/v1", "/openai/v1")  # the same prefixes app.py mounts the OpenAI routes under
-OPEN_PATHS = frozenset({"/health"})  # served without an API key (see api/auth.py)
+OPEN_PATHS = frozenset({"/health", "/ready"})  # served without an API key (see api/auth.py)
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 
@@ -221,6 +221,13 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             "What the daemon is doing: models, instances, queues, downloads", "daemon", (Body(JSON, r.Status),)
         ),
         ("GET", "/health"): Operation("Liveness: answers while the daemon runs", "daemon", (Body(JSON, r.Health),)),
+        ("GET", "/ready"): Operation(
+            "Readiness: 200 once every model with min_instances is loaded, 503 (code not_ready) before that "
+            "and while the daemon drains",
+            "daemon",
+            (Body(JSON, r.Ready),),
+            errors=(503,),
+        ),
         ("GET", "/metrics"): Operation(
             "Prometheus metrics",
             "daemon",

@@ -6,7 +6,7 @@ import contextlib
 
 from aiohttp import web
 
-from lllmsd.api.keys import MODEL, RUNTIME
+from lllmsd.api.keys import MODEL, RUNTIME, SESSION
 from lllmsd.api.metrics import observe_generation
 from lllmsd.api.middleware import read_json
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
@@ -40,7 +40,7 @@ async def _generate(
     admission = await request.app[RUNTIME].admit(body.model, kind, body.to_job)
     job = admission.job
     is_chat = isinstance(job, ChatJob)
-    async with admission.pool.acquire(job.context()) as instance:
+    async with admission.pool.acquire(job.context(), session=request.get(SESSION)) as instance:
         identity = ResponseIdentity("chatcmpl" if is_chat else "cmpl", body.model, admission.config.engine, instance.id)
         # Closing the events when this block ends, whatever ends it, stops the engine (within one
         # token) before the instance goes back to the pool.

@@ -38,6 +38,7 @@ T = TypeVar("T")
 class EngineHost(Protocol):
     pid: int | None
     dead: str | None
+    context_size: int | None  # the loaded engine's context window (Engine.context_size)
 
     async def load(self, config: Any, files: ModelFiles, preload: Preload | None) -> int: ...
 
@@ -74,11 +75,13 @@ class ThreadHost:
         self.engine: Engine | None = None
         self.pid: int | None = None
         self.dead: str | None = None
+        self.context_size: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lllmsd-{instance_id}")
 
     async def load(self, config: Any, files: ModelFiles, preload: Preload | None) -> int:
         def work() -> int:
             engine = self.engine = self.engine_class(config, files)
+            self.context_size = engine.context_size
             if preload is not None and (preload.messages or preload.prefix) and isinstance(engine, TextEngine):
                 return int(engine.preload(preload))
             return 0

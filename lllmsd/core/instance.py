@@ -244,6 +244,7 @@ class ModelInstance:
             "state": self.state.value,
             "isolation": self.isolation,
             "context_tokens": self.cached_tokens,
+            "context_size": self.host.context_size or self.config.context_size,
             "created": round(self.created_wall),
             "last_used": round(self.created_wall + (self.last_used - self.created_at)),
             "age_seconds": round(now - self.created_at, 3),

@@ -5,6 +5,8 @@ model's requests go through ``pool.embed(job)``: the pool's batcher merges them 
 its queue is the pool's, in ``waiting`` and ``GET /``; rerank requests go through ``pool.rerank(job)``).
 A request is handed an instance and a global concurrency slot together (core/limit.py). The choice,
 for the request at the head of the queue, is, in order:
+  0. with a session key (the X-Session-Id header), the instance that served that session last, if idle:
+     it holds the conversation even when the history was cut or edited and no longer shares a prefix;
   1. the idle instance whose cached context shares the longest prefix with the request's;
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
@@ -29,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,8 @@ log = logging.getLogger(__name__)
 FilesProvider = Callable[[], Awaitable[ModelFiles]]
 MAX_LOAD_BACKOFF = 60.0
 DISPOSE_FLOOR = 0.5  # seconds an idle worker gets to exit by itself when the grace is spent
+# sessions remembered per pool (the least recently seen are forgotten first): one id string each
+MAX_SESSIONS = 10_000
 _LIVE = (InstanceState.LOADING, InstanceState.IDLE, InstanceState.BUSY)
 
 
@@ -72,6 +76,7 @@ class _Waiter:
     context: Context
     enqueued_at: float
     counted: bool = True  # False for the batcher's own acquires: its queued requests are counted instead
+    session: str | None = None  # the client's session key: prefer the instance that served it last
     future: asyncio.Future[ModelInstance] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -106,6 +111,7 @@ class ModelPool:
         self._preparing = 0  # loads waiting for the store (downloads): waiters do not time out meanwhile
         self._last_error: str | None = None
         self._idle_changed = asyncio.Event()
+        self._sessions: OrderedDict[str, str] = OrderedDict()  # session key -> id of the instance that served it
         self.batcher: EmbeddingBatcher | None = None
         if config.task is ModelTask.EMBEDDING:
             self.batcher = EmbeddingBatcher(
@@ -124,11 +130,14 @@ class ModelPool:
         self._ensure_min()
 
     @contextlib.asynccontextmanager
-    async def acquire(self, context: Context = EMPTY_CONTEXT, *, counted: bool = True) -> AsyncIterator[ModelInstance]:
+    async def acquire(
+        self, context: Context = EMPTY_CONTEXT, *, counted: bool = True, session: str | None = None
+    ) -> AsyncIterator[ModelInstance]:
         """Hand out an instance (with a global concurrency slot) for one request; both are released
         whatever happens inside. ``counted=False`` is the batcher's: its requests are counted queued
-        in ``waiting`` until a batch takes them, not the acquire that runs the batch."""
-        instance = await self._checkout(context, counted)
+        in ``waiting`` until a batch takes them, not the acquire that runs the batch. ``session`` is the
+        client's session key, if it sent one (see the choice above)."""
+        instance = await self._checkout(context, counted, session)
         try:
             yield instance
         finally:
@@ -222,11 +231,11 @@ class ModelPool:
 
     # ------------------------------------------------------------------------------------- checkout
 
-    async def _checkout(self, context: Context, counted: bool) -> ModelInstance:
+    async def _checkout(self, context: Context, counted: bool, session: str | None = None) -> ModelInstance:
         if self._closing:
             raise ShuttingDown(f"the daemon is shutting down; '{self.model_id}' takes no more requests")
         self._refuse_while_backing_off()
-        waiter = _Waiter(context=context, enqueued_at=self.clock.now(), counted=counted)
+        waiter = _Waiter(context=context, enqueued_at=self.clock.now(), counted=counted, session=session)
         self._waiters.append(waiter)
         self.dispatch()
         if not waiter.future.done() and counted and self.waiting > self.config.max_waiting:
@@ -289,12 +298,13 @@ class ModelPool:
             if not self._limiter.free:
                 out_of_slots = True  # the limiter calls back when one frees
                 break
-            instance = self._choose(waiter.context)
+            instance = self._session_instance(waiter.session) or self._choose(waiter.context)
             if instance is None:
                 break
             self._waiters.popleft()
             self._limiter.take()
             instance.reserve()
+            self._remember_session(waiter.session, instance)
             waiter.future.set_result(instance)
         waiters = sum(1 for w in self._waiters if not w.future.done())
         coming = sum(1 for i in self.instances if i.state is InstanceState.LOADING)
@@ -320,6 +330,20 @@ class ModelPool:
         lru = min(idle, key=lambda i: i.last_used)
         lru.reset_context()
         return lru
+
+    def _session_instance(self, session: str | None) -> ModelInstance | None:
+        """The instance that served ``session`` last, if it is idle now."""
+        if session is None or (wanted := self._sessions.get(session)) is None:
+            return None
+        return next((i for i in self._idle() if i.id == wanted), None)
+
+    def _remember_session(self, session: str | None, instance: ModelInstance) -> None:
+        if session is None:
+            return
+        self._sessions[session] = instance.id
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
 
     def _idle(self) -> Iterator[ModelInstance]:
         return (i for i in self.instances if i.state is InstanceState.IDLE)

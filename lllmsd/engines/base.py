@@ -74,6 +74,10 @@ class Engine:
     # where instances run unless the model's config says otherwise: "process" (a worker process of
     # their own: a crash in the engine's C code costs that instance only) or "thread" (in the daemon)
     isolation: ClassVar[str] = "process"
+    # the context window in tokens, for engines that have one: set by the constructor once the weights are
+    # loaded (the config's context_size, or what the engine read from the weights); GET / and the KV-cache
+    # metric report it
+    context_size: int | None = None
 
     def __init__(self, config: Any, files: ModelFiles) -> None:
         self.config = config

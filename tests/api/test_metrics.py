@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lllmsd.api.keys import RUNTIME
 from lllmsd.app import create_app
 from lllmsd.core.store import ModelStore
-from tests.api.probe import eventually
+from tests.api.probe import Probe, eventually
 from tests.conftest import AppFactory, fake_model, make_config, sdk
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -148,3 +148,34 @@ async def test_download_bytes_come_from_the_store(aiohttp_client: Any, tmp_path:
     assert value(samples, "lllmsd_download_size_bytes", model="other") == 0  # size not known yet
     figures[0]["bytes_done"] = 4000  # read at scrape time, never stale
     assert value(await scrape(client), "lllmsd_download_bytes", model="chat") == 4020
+
+
+async def test_load_gauges_with_the_meaning_inference_gateways_read(start_app: AppFactory) -> None:
+    probe = Probe(gated=True)
+    config = make_config({"chat": fake_model(max_instances=2, context_size=256)}, concurrency=1)
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    pool = client.app[RUNTIME].pools["chat"]
+    body = {"model": "chat", "messages": FIRST}
+    running = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+    await eventually(lambda: probe.active == 1)
+    queued = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body)) for _ in range(2)]
+    await eventually(lambda: pool.waiting == 2)  # one slot of concurrency: two wait
+    samples = await scrape(client)
+    assert value(samples, "lllmsd_num_requests_running", model="chat") == 1
+    assert value(samples, "lllmsd_num_requests_waiting", model="chat") == 2
+    probe.gate.set()
+    assert [r.status for r in await asyncio.gather(running, *queued)] == [200, 200, 200]
+
+    samples = await scrape(client)
+    assert value(samples, "lllmsd_num_requests_running", model="chat") == 0
+    assert value(samples, "lllmsd_num_requests_waiting", model="chat") == 0
+    instances = (await (await client.get("/")).json())["models"]["chat"]["instances"]
+    held = sum(i["context_tokens"] for i in instances)
+    assert held > 0
+    assert all(i["context_size"] == 256 for i in instances)
+    # what the instances hold over what max_instances instances of this context window could hold
+    assert value(samples, "lllmsd_kv_cache_usage_perc", model="chat") == held / (256 * 2)
+    prompt = value(samples, "lllmsd_prompt_tokens_total", model="chat")
+    cached = value(samples, "lllmsd_cached_prompt_tokens_total", model="chat")
+    assert cached > 0  # the same prompt three times: the later ones found it cached
+    assert value(samples, "lllmsd_evaluated_prompt_tokens_total", model="chat") == prompt - cached

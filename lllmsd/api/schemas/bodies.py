@@ -429,6 +429,10 @@ class Health(_Body):
     status: Literal["ok"]
 
 
+class Ready(_Body):
+    status: Literal["ready"]
+
+
 class WorkerStatus(_Body):
     pid: int
     rss_bytes: int | None = Field(None, description="Resident memory of the worker process.")
@@ -441,7 +445,10 @@ class InstanceStatus(_Body):
     id: str
     model: str
     state: Literal["loading", "idle", "busy", "error", "closed"]
-    context_tokens: int
+    context_tokens: int = Field(description="Tokens the instance holds in its context (its last prompt and answer).")
+    context_size: int | None = Field(
+        description="The instance's context window in tokens (null before it loaded, or for engines without one)."
+    )
     created: int
     last_used: int
     age_seconds: float

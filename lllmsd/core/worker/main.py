@@ -84,7 +84,7 @@ class Worker:
         except BaseException as exc:
             self.channel.send(Raised(0, _reportable(exc)))
             raise SystemExit(1) from None
-        self.channel.send(Loaded(cached, os.getpid()))
+        self.channel.send(Loaded(cached, os.getpid(), self.engine.context_size))
 
     def _read(self) -> None:
         """The reader thread: calls go to the main thread, cancels set the running call's event."""

@@ -78,6 +78,7 @@ class WorkerProcess:
         self.cancel_grace = cancel_grace
         self.pid: int | None = None
         self.dead: str | None = None  # why the worker is gone, once it is
+        self.context_size: int | None = None  # the engine's context window, once loaded
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -248,6 +249,7 @@ class WorkerProcess:
     def _deliver(self, message: object) -> None:
         if isinstance(message, Loaded):
             if self._loaded is not None and not self._loaded.done():
+                self.context_size = message.context_size
                 self._loaded.set_result(message.cached_tokens)
         elif isinstance(message, Raised) and message.call_id == 0:
             if self._loaded is not None and not self._loaded.done():

@@ -68,6 +68,7 @@ class Cancel:
 class Loaded:
     cached_tokens: int
     pid: int
+    context_size: int | None = None  # the engine's context window (Engine.context_size)
 
 
 @dataclass(frozen=True, slots=True)

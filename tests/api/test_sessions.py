@@ -1,0 +1,92 @@
+"""The session header: echoed on every response of its request, refused when malformed, renamed by the
+config, and used by the pool to send a session's turn back to the instance that served it last."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import AppFactory, fake_model, make_config, sse_data
+
+HELLO = [{"role": "user", "content": "the quick brown fox"}]
+
+
+async def chat(client: TestClient, messages: list[dict[str, Any]], session: str | None = None, **extra: Any) -> Any:
+    headers = {"X-Session-Id": session} if session is not None else {}
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": messages, **extra}, headers=headers
+    )
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+def served_by(body: dict[str, Any]) -> str:
+    """The instance that answered: its id is part of the response id (chatcmpl-<instance>-<random>)."""
+    match = re.fullmatch(r"chatcmpl-(chat-\d+)-[0-9a-f]+", body["id"])
+    assert match, body["id"]
+    return match.group(1)
+
+
+async def test_the_session_id_comes_back_on_answers_streams_and_errors(client: TestClient) -> None:
+    headers = {"X-Session-Id": "conv-42"}
+    answer = await client.post("/v1/chat/completions", json={"model": "chat", "messages": HELLO}, headers=headers)
+    assert answer.status == 200
+    assert answer.headers["X-Session-Id"] == "conv-42"
+
+    stream = await client.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": HELLO, "stream": True}, headers=headers
+    )
+    assert stream.headers["X-Session-Id"] == "conv-42"  # set before the stream's headers went out
+    assert len(await sse_data(stream)) > 2
+
+    missing = await client.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO}, headers=headers)
+    assert missing.status == 404
+    assert missing.headers["X-Session-Id"] == "conv-42"
+
+    plain = await client.post("/v1/chat/completions", json={"model": "chat", "messages": HELLO})
+    assert "X-Session-Id" not in plain.headers
+
+
+async def test_a_malformed_session_id_is_a_400_naming_the_header(client: TestClient) -> None:
+    for bad in ("x" * 257, "two words"):
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "chat", "messages": HELLO}, headers={"X-Session-Id": bad}
+        )
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error["param"] == "X-Session-Id"
+        assert error["code"] == "invalid_value"
+        assert "X-Session-Id" not in response.headers
+
+
+async def test_the_header_name_comes_from_the_config(start_app: AppFactory) -> None:
+    client = await start_app(make_config(session_header="X-Conversation"))
+    response = await client.post(
+        "/v1/chat/completions",
+        json={"model": "chat", "messages": HELLO},
+        headers={"X-Conversation": "c-1", "X-Session-Id": "ignored"},
+    )
+    assert response.status == 200
+    assert response.headers["X-Conversation"] == "c-1"
+    assert "X-Session-Id" not in response.headers
+
+
+async def test_a_session_returns_to_its_instance_when_its_history_was_edited(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"chat": fake_model(max_instances=2)}))
+    alpha = [{"role": "user", "content": "alpha one two three"}]
+    beta = [{"role": "user", "content": "beta four five six"}]
+
+    first = await chat(client, alpha, "alpha")
+    assert served_by(first) == "chat-1"
+    assert served_by(await chat(client, beta, "beta")) == "chat-2"  # no common prefix: a new instance
+    # alpha's next turn: a common prefix and its session agree; chat-1 is now the most recently used
+    follow_up = [*alpha, first["choices"][0]["message"], {"role": "user", "content": "seven"}]
+    assert served_by(await chat(client, follow_up, "alpha")) == "chat-1"
+
+    # the client cut the first message short: no instance shares a prefix with the history any more
+    edited = [{"role": "user", "content": "alpha one"}, *follow_up[1:]]
+    assert served_by(await chat(client, edited, "alpha")) == "chat-1"
+    # without the session, the same history would have gone to the least recently used instance
+    assert served_by(await chat(client, [{"role": "user", "content": "alpha"}, *follow_up[1:]])) == "chat-2"
