@@ -42,12 +42,14 @@ install: $(STAMP) models
 models: $(STAMP)
 	$(PY) tests/setup_models.py
 
-# Debian packages the tests use (speech synthesis, audio conversion, unit-file checks).
+# Debian packages the tests use (speech synthesis, audio conversion, unit-file checks, nginx in front of
+# two daemons). nginx is looked for in /usr/sbin too: it is there, off a normal user's PATH.
 system-deps:
 	@missing=""; \
 	for tool in espeak-ng:espeak-ng sox:sox systemd-analyze:systemd; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	dpkg -s libsox-fmt-mp3 >/dev/null 2>&1 || missing="$$missing libsox-fmt-mp3"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
