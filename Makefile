@@ -71,10 +71,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lllmsd tests bench
 	$(VENV)/bin/ruff format --check lllmsd tests bench
 
-BENCHES := pool_overhead chat_throughput isolation embeddings transcription speech load adversarial
+BENCHES := pool_overhead chat_throughput isolation embeddings transcription speech load adversarial scale_out
 
 # Every benchmark, one after another (each prints its figures beside its baseline); `make fuzz` is separate.
-bench: install
+# scale_out runs nginx (system-deps).
+bench: install system-deps
 	for name in $(BENCHES); do $(PY) bench/$$name.py || exit 1; done
 
 # A long fuzzing run of every route from /openapi.json (the suite runs a few examples: tests/api/test_fuzz.py)
