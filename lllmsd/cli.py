@@ -66,7 +66,8 @@ def main() -> None:
     help="Write the daemon's pid here while it runs (for `lllmsd reload --pid-file`).",
 )
 def serve(config_path: Path, host: str | None, port: int | None, log_level: str, pid_file: Path | None) -> None:
-    """Serve the models of a config file until SIGINT or SIGTERM; SIGHUP re-reads the config."""
+    """Serve the models of a config file until SIGINT or SIGTERM (it drains first: new requests get 503, the
+    ones in the daemon get shutdown_grace seconds); SIGHUP re-reads the config."""
     from lllmsd.server import run_server
 
     configure_logging(log_level)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from lllmsd.api.keys import RUNTIME
+from lllmsd.core import pool as pool_module
 from tests.conftest import AppFactory, fake_model, make_config, sse_data
 
 HELLO = [{"role": "user", "content": "the quick brown fox"}]
@@ -90,3 +93,16 @@ async def test_a_session_returns_to_its_instance_when_its_history_was_edited(sta
     assert served_by(await chat(client, edited, "alpha")) == "chat-1"
     # without the session, the same history would have gone to the least recently used instance
     assert served_by(await chat(client, [{"role": "user", "content": "alpha"}, *follow_up[1:]])) == "chat-2"
+
+
+async def test_the_pool_remembers_a_bounded_number_of_sessions(
+    start_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "MAX_SESSIONS", 2)
+    client = await start_app(make_config({"chat": fake_model(max_instances=2)}))
+    for session in ("first", "second", "third"):
+        await chat(client, HELLO, session)
+    remembered = client.server.app[RUNTIME].pools["chat"]._sessions
+    assert list(remembered) == ["second", "third"]  # the least recently seen is forgotten first
+    await chat(client, HELLO, "second")
+    assert list(remembered) == ["third", "second"]
