@@ -101,6 +101,9 @@ class ModelInstance:
         self.created_wall = clock.wall()
         self.last_used = self.created_at
         self.requests_served = 0
+        # the client session (X-Session-Id) of the request it served last, if it sent one: the conversation
+        # its context holds, for the pool's session affinity
+        self.session: str | None = None
         self.error: str | None = None
         self.isolation = isolation_of(config, engine_class)
         target = engine_target(engine_class)
@@ -142,9 +145,10 @@ class ModelInstance:
         except Exception:
             log.exception("instance %s: closing its engine failed", self.id)
 
-    def reserve(self) -> None:
+    def reserve(self, session: str | None = None) -> None:
         assert self.state is InstanceState.IDLE, self.state
         self.state = InstanceState.BUSY
+        self.session = session
 
     def release(self) -> None:
         """Back to IDLE after a request, unless the engine failed (ERROR) or it was disposed."""

@@ -5,8 +5,9 @@ model's requests go through ``pool.embed(job)``: the pool's batcher merges them 
 its queue is the pool's, in ``waiting`` and ``GET /``; rerank requests go through ``pool.rerank(job)``).
 A request is handed an instance and a global concurrency slot together (core/limit.py). The choice,
 for the request at the head of the queue, is, in order:
-  0. with a session key (the X-Session-Id header), the instance that served that session last, if idle:
-     it holds the conversation even when the history was cut or edited and no longer shares a prefix;
+  0. with a session key (the X-Session-Id header), the idle instance whose last request came from that
+     session: it holds the conversation even when the history was cut or edited and no longer shares a
+     prefix (an instance that served another request since holds that one instead, and is not preferred);
   1. the idle instance whose cached context shares the longest prefix with the request's;
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
@@ -31,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +67,6 @@ log = logging.getLogger(__name__)
 FilesProvider = Callable[[], Awaitable[ModelFiles]]
 MAX_LOAD_BACKOFF = 60.0
 DISPOSE_FLOOR = 0.5  # seconds an idle worker gets to exit by itself when the grace is spent
-# sessions remembered per pool (the least recently seen are forgotten first): one id string each
-MAX_SESSIONS = 10_000
 _LIVE = (InstanceState.LOADING, InstanceState.IDLE, InstanceState.BUSY)
 
 
@@ -111,7 +110,6 @@ class ModelPool:
         self._preparing = 0  # loads waiting for the store (downloads): waiters do not time out meanwhile
         self._last_error: str | None = None
         self._idle_changed = asyncio.Event()
-        self._sessions: OrderedDict[str, str] = OrderedDict()  # session key -> id of the instance that served it
         self.batcher: EmbeddingBatcher | None = None
         if config.task is ModelTask.EMBEDDING:
             self.batcher = EmbeddingBatcher(
@@ -303,8 +301,7 @@ class ModelPool:
                 break
             self._waiters.popleft()
             self._limiter.take()
-            instance.reserve()
-            self._remember_session(waiter.session, instance)
+            instance.reserve(waiter.session)
             waiter.future.set_result(instance)
         waiters = sum(1 for w in self._waiters if not w.future.done())
         coming = sum(1 for i in self.instances if i.state is InstanceState.LOADING)
@@ -332,18 +329,10 @@ class ModelPool:
         return lru
 
     def _session_instance(self, session: str | None) -> ModelInstance | None:
-        """The instance that served ``session`` last, if it is idle now."""
-        if session is None or (wanted := self._sessions.get(session)) is None:
-            return None
-        return next((i for i in self._idle() if i.id == wanted), None)
-
-    def _remember_session(self, session: str | None, instance: ModelInstance) -> None:
+        """The idle instance whose last request came from ``session``: it holds that conversation."""
         if session is None:
-            return
-        self._sessions[session] = instance.id
-        self._sessions.move_to_end(session)
-        while len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
+            return None
+        return next((i for i in self._idle() if i.session == session), None)
 
     def _idle(self) -> Iterator[ModelInstance]:
         return (i for i in self.instances if i.state is InstanceState.IDLE)

@@ -6,11 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 
-from lllmsd.api.keys import RUNTIME
-from lllmsd.core import pool as pool_module
 from tests.conftest import AppFactory, fake_model, make_config, sse_data
 
 HELLO = [{"role": "user", "content": "the quick brown fox"}]
@@ -95,14 +92,18 @@ async def test_a_session_returns_to_its_instance_when_its_history_was_edited(sta
     assert served_by(await chat(client, [{"role": "user", "content": "alpha"}, *follow_up[1:]])) == "chat-2"
 
 
-async def test_the_pool_remembers_a_bounded_number_of_sessions(
-    start_app: AppFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(pool_module, "MAX_SESSIONS", 2)
+async def test_a_session_does_not_pull_back_an_instance_that_has_served_another_since(start_app: AppFactory) -> None:
     client = await start_app(make_config({"chat": fake_model(max_instances=2)}))
-    for session in ("first", "second", "third"):
-        await chat(client, HELLO, session)
-    remembered = client.server.app[RUNTIME].pools["chat"]._sessions
-    assert list(remembered) == ["second", "third"]  # the least recently seen is forgotten first
-    await chat(client, HELLO, "second")
-    assert list(remembered) == ["third", "second"]
+    alpha = [{"role": "user", "content": "alpha one two three"}]
+    assert served_by(await chat(client, alpha, "alpha")) == "chat-1"
+    assert served_by(await chat(client, [{"role": "user", "content": "beta four"}], "beta")) == "chat-2"
+    gamma = [{"role": "user", "content": "gamma five six"}]
+    first = await chat(client, gamma, "gamma")
+    assert served_by(first) == "chat-1"  # the least recently used instance: alpha's conversation is gone
+    # alpha comes back with an edited history: chat-1 holds gamma now, so alpha is not sent there
+    # (it would evict gamma for nothing); it takes the least recently used instance like any newcomer
+    assert served_by(await chat(client, [{"role": "user", "content": "alpha one"}], "alpha")) == "chat-2"
+    follow_up = [*gamma, first["choices"][0]["message"], {"role": "user", "content": "seven"}]
+    again = await chat(client, follow_up, "gamma")
+    assert served_by(again) == "chat-1"
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
