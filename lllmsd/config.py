@@ -526,8 +526,9 @@ class DaemonConfig(_Section):
         "X-Session-Id",
         pattern=r"^[A-Za-z0-9-]{1,64}$",
         description="Request header that names a client's conversation. lllmsd echoes it on the response and "
-        "sends the session's next turn to the instance that served it last (its context is still cached there); "
-        "a balancer in front of several daemons hashes on the same header (docs/scale-out.md).",
+        "sends the session's next turn to the instance whose last request was that session's (its context still "
+        "holds the conversation); a balancer in front of several daemons hashes on the same header "
+        "(docs/scale-out.md).",
     )
     models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
 

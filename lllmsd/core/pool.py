@@ -75,7 +75,7 @@ class _Waiter:
     context: Context
     enqueued_at: float
     counted: bool = True  # False for the batcher's own acquires: its queued requests are counted instead
-    session: str | None = None  # the client's session key: prefer the instance that served it last
+    session: str | None = None  # the client's session key: prefer the instance whose last request was its
     future: asyncio.Future[ModelInstance] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
