@@ -33,6 +33,7 @@ from lllmsd.api.schemas.responses import ResponseCreateRequest
 from lllmsd.api.schemas.speech import CONTENT_TYPES as SPEECH_CONTENT_TYPES
 from lllmsd.api.schemas.speech import SpeechRequest
 from lllmsd.api.schemas.text import ChatCompletionRequest, CompletionRequest
+from lllmsd.api.session import MAX_SESSION_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Operation:
     request_media: str = JSON
     errors: tuple[int, ...] = (500,)
     path_parameters: tuple[tuple[str, str], ...] = ()  # (name, description)
+    session: bool = False  # takes the session header (api/session.py): a conversation's affinity key
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +127,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             (Body(JSON, r.ChatCompletion), Body(_SSE, description=_STREAM, events=(r.ChatCompletionChunk,))),
             ChatCompletionRequest,
             errors=_GENERATION_ERRORS,
+            session=True,
         ),
         ("POST", "/completions"): Operation(
             "Create a (legacy) completion",
@@ -132,6 +135,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             (Body(JSON, r.Completion), Body(_SSE, description=_STREAM, events=(r.Completion,))),
             CompletionRequest,
             errors=_GENERATION_ERRORS,
+            session=True,
         ),
         ("POST", "/embeddings"): Operation(
             "Create embeddings",
@@ -246,10 +250,11 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
 def build_document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI document of ``app``'s routes (call it after every route is added)."""
     refs, schemas = _components()
+    session_header = app[RUNTIME].config.session_header  # the running config: a reload may rename it
     paths: dict[str, dict[str, Any]] = {}
     for method, path in _routes(app):
         operation = _lookup(method, path)
-        entry = _undocumented(method, path) if operation is None else _operation(operation, path, refs)
+        entry = _undocumented(method, path) if operation is None else _operation(operation, path, refs, session_header)
         paths.setdefault(path, {})[method.lower()] = entry
     keys_required = bool(app[RUNTIME].config.api_keys)  # the running config: a reload may change the keys
     for path, methods in paths.items():
@@ -307,7 +312,9 @@ def _undocumented(method: str, path: str) -> dict[str, Any]:
     return {"summary": f"{method} {path}", "x-undocumented": True, "responses": {"default": {"description": "?"}}}
 
 
-def _operation(operation: Operation, path: str, refs: Mapping[tuple[type, str], Any]) -> dict[str, Any]:
+def _operation(
+    operation: Operation, path: str, refs: Mapping[tuple[type, str], Any], session_header: str
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "summary": operation.summary,
         "tags": [operation.tag],
@@ -319,6 +326,17 @@ def _operation(operation: Operation, path: str, refs: Mapping[tuple[type, str], 
             {"name": name, "in": "path", "required": True, "description": text, "schema": {"type": "string"}}
             for name, text in operation.path_parameters
         ]
+    if operation.session:
+        entry.setdefault("parameters", []).append(
+            {
+                "name": session_header,
+                "in": "header",
+                "required": False,
+                "description": "Names the conversation: echoed on the response, and the turn goes to the instance "
+                "that holds the session's context (a balancer hashes on it too). Empty: no session.",
+                "schema": {"type": "string", "pattern": f"^[\\x21-\\x7e]{{0,{MAX_SESSION_LENGTH}}}$"},
+            }
+        )
     if operation.request is not None:
         schema_ref = refs[(operation.request, "validation")]
         if operation.request_media == MULTIPART:

@@ -47,9 +47,9 @@ def test_every_route_survives_fuzzing_on_the_fake_engine(fake_daemon: DaemonThre
             model_ids=list(FAKE_MODELS),
         )
         fuzzed += 1
-    # every route: 13 under each of the two API prefixes, /rerank, /v2/rerank, and /, /health, /metrics,
-    # /openapi.json
-    assert fuzzed == 32
+    # every route: 13 under each of the two API prefixes, /rerank, /v2/rerank, and /, /health, /ready,
+    # /metrics, /openapi.json
+    assert fuzzed == 33
     assert not findings, report(findings)
     health = fake_daemon_status(fake_daemon)
     for model_id, model in health["models"].items():

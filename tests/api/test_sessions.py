@@ -107,3 +107,14 @@ async def test_a_session_does_not_pull_back_an_instance_that_has_served_another_
     again = await chat(client, follow_up, "gamma")
     assert served_by(again) == "chat-1"
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_openapi_documents_the_configured_session_header(start_app: AppFactory) -> None:
+    client = await start_app(make_config(session_header="X-Conversation"))
+    document = await (await client.get("/openapi.json")).json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/openai/v1/chat/completions"):
+        (parameter,) = document["paths"][path]["post"]["parameters"]
+        assert parameter["name"] == "X-Conversation"
+        assert parameter["in"] == "header"
+        assert parameter["required"] is False
+    assert "parameters" not in document["paths"]["/v1/embeddings"]["post"]
