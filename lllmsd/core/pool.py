@@ -8,6 +8,8 @@ for the request at the head of the queue, is, in order:
   0. with a session key (the X-Session-Id header), the idle instance whose last request came from that
      session: it holds the conversation even when the history was cut or edited and no longer shares a
      prefix (an instance that served another request since holds that one instead, and is not preferred);
+     if none does, an idle fresh instance (step 2) before any other: sessions often share a system
+     prompt, and that short prefix must not pull a new session onto an instance holding another one;
   1. the idle instance whose cached context shares the longest prefix with the request's;
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
@@ -319,7 +321,7 @@ class ModelPool:
         best = max(idle, key=lambda i: i.context.match_length(wanted))
         if best.context.match_length(wanted) > 0:
             return best
-        fresh = [i for i in idle if i.requests_served == 0 or i.context.empty]
+        fresh = [i for i in idle if _is_fresh(i)]
         if fresh:
             return fresh[0]
         if self._can_grow():
@@ -329,10 +331,13 @@ class ModelPool:
         return lru
 
     def _session_instance(self, session: str | None) -> ModelInstance | None:
-        """The idle instance whose last request came from ``session``: it holds that conversation."""
+        """The idle instance whose last request came from ``session`` (it holds that conversation), else an
+        idle fresh one; None without a session, or when neither is idle (then ``_choose`` decides)."""
         if session is None:
             return None
-        return next((i for i in self._idle() if i.session == session), None)
+        idle = list(self._idle())
+        own = next((i for i in idle if i.session == session), None)
+        return own or next((i for i in idle if _is_fresh(i)), None)
 
     def _idle(self) -> Iterator[ModelInstance]:
         return (i for i in self.instances if i.state is InstanceState.IDLE)
@@ -430,3 +435,8 @@ class ModelPool:
         """Until no load or dispose is under way (tests, reload)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def _is_fresh(instance: ModelInstance) -> bool:
+    """Whether an instance holds no conversation of its own: never used, or its context was reset."""
+    return instance.requests_served == 0 or instance.context.empty

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from lllmsd.api.keys import RUNTIME
+from tests.api.probe import eventually
 from tests.conftest import AppFactory, fake_model, make_config, sse_data
 
 HELLO = [{"role": "user", "content": "the quick brown fox"}]
@@ -118,3 +120,22 @@ async def test_openapi_documents_the_configured_session_header(start_app: AppFac
         assert parameter["in"] == "header"
         assert parameter["required"] is False
     assert "parameters" not in document["paths"]["/v1/embeddings"]["post"]
+
+
+async def test_a_shared_system_prompt_does_not_pull_a_new_session_onto_another_ones_instance(
+    start_app: AppFactory,
+) -> None:
+    client = await start_app(make_config({"chat": fake_model(min_instances=2, max_instances=2)}))
+    pool = client.server.app[RUNTIME].pools["chat"]
+    await eventually(lambda: [i.state.value for i in pool.instances] == ["idle", "idle"])
+    system = {"role": "system", "content": "you answer briefly"}
+    first: dict[str, Any] = {}
+    for session, instance in (("alpha", "chat-1"), ("beta", "chat-2")):
+        first[session] = await chat(client, [system, {"role": "user", "content": f"{session} one two"}], session)
+        # beta shares alpha's system prompt, a prefix of alpha's instance; it takes the fresh one instead
+        assert served_by(first[session]) == instance
+    for session, instance in (("alpha", "chat-1"), ("beta", "chat-2")):
+        history = [system, {"role": "user", "content": f"{session} one two"}, first[session]["choices"][0]["message"]]
+        again = await chat(client, [*history, {"role": "user", "content": "three"}], session)
+        assert served_by(again) == instance
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
