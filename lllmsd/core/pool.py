@@ -8,9 +8,10 @@ for the request at the head of the queue, is, in order:
   0. with a session key (the X-Session-Id header), the idle instance whose last request came from that
      session: it holds the conversation even when the history was cut or edited and no longer shares a
      prefix (an instance that served another request since holds that one instead, and is not preferred);
-     if none does, an idle fresh instance (step 2) before any other: sessions often share a system
-     prompt, and that short prefix must not pull a new session onto an instance holding another one;
-  1. the idle instance whose cached context shares the longest prefix with the request's;
+  1. the idle instance whose cached context shares the longest prefix with the request's. With a session
+     key, only an instance whose whole context the request continues: sessions often share a system
+     prompt, and that prefix alone must not make a session evict another conversation that is still going
+     on (the least recently used one goes first, in step 4);
   2. an idle instance with no conversation of its own (fresh, or reset);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
   4. the least recently used idle instance, its context reset;
@@ -298,7 +299,7 @@ class ModelPool:
             if not self._limiter.free:
                 out_of_slots = True  # the limiter calls back when one frees
                 break
-            instance = self._session_instance(waiter.session) or self._choose(waiter.context)
+            instance = self._choose(waiter.context, waiter.session)
             if instance is None:
                 break
             self._waiters.popleft()
@@ -314,12 +315,17 @@ class ModelPool:
             self._spawn()
             unserved -= 1
 
-    def _choose(self, wanted: Context) -> ModelInstance | None:
+    def _choose(self, wanted: Context, session: str | None = None) -> ModelInstance | None:
         idle = list(self._idle())
         if not idle:
             return None
-        best = max(idle, key=lambda i: i.context.match_length(wanted))
-        if best.context.match_length(wanted) > 0:
+        if session is not None and (own := next((i for i in idle if i.session == session), None)):
+            return own
+        matches = [(i.context.match_length(wanted), i) for i in idle]
+        if session is not None:  # keep other conversations: only an instance whose whole context this continues
+            matches = [(length, i) for length, i in matches if length == len(i.context)]
+        length, best = max(matches, key=lambda match: match[0], default=(0, None))
+        if length > 0 and best is not None:
             return best
         fresh = [i for i in idle if _is_fresh(i)]
         if fresh:
@@ -329,15 +335,6 @@ class ModelPool:
         lru = min(idle, key=lambda i: i.last_used)
         lru.reset_context()
         return lru
-
-    def _session_instance(self, session: str | None) -> ModelInstance | None:
-        """The idle instance whose last request came from ``session`` (it holds that conversation), else an
-        idle fresh one; None without a session, or when neither is idle (then ``_choose`` decides)."""
-        if session is None:
-            return None
-        idle = list(self._idle())
-        own = next((i for i in idle if i.session == session), None)
-        return own or next((i for i in idle if _is_fresh(i)), None)
 
     def _idle(self) -> Iterator[ModelInstance]:
         return (i for i in self.instances if i.state is InstanceState.IDLE)

@@ -139,3 +139,20 @@ async def test_a_shared_system_prompt_does_not_pull_a_new_session_onto_another_o
         again = await chat(client, [*history, {"role": "user", "content": "three"}], session)
         assert served_by(again) == instance
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_with_no_fresh_instance_a_new_session_evicts_the_oldest_conversation_not_a_prefix(
+    start_app: AppFactory,
+) -> None:
+    client = await start_app(make_config({"chat": fake_model(max_instances=2)}))
+    await chat(client, HELLO, "old-1")  # chat-1
+    await chat(client, [{"role": "user", "content": "another old one"}], "old-2")  # chat-2, used last
+    system = {"role": "system", "content": "you answer briefly"}
+    first = await chat(client, [system, {"role": "user", "content": "new one"}], "new-1")
+    assert served_by(first) == "chat-1"  # the least recently used conversation makes room
+    # new-2 shares new-1's system prompt, a prefix of what chat-1 holds: it still takes the older chat-2
+    assert served_by(await chat(client, [system, {"role": "user", "content": "new two"}], "new-2")) == "chat-2"
+    history = [system, {"role": "user", "content": "new one"}, first["choices"][0]["message"]]
+    again = await chat(client, [*history, {"role": "user", "content": "more"}], "new-1")
+    assert served_by(again) == "chat-1"
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
