@@ -2,10 +2,12 @@
 daemon reached directly.
 
 ``--conversations`` (8) concurrent conversations of ``--turns`` (4) turns each, every turn streamed with
-usage, the next turn sent once the answer is in (as a chat client does). Each daemon stands for one
-machine: ``concurrency`` 1 and one llama.cpp thread, ``--instances`` (8) instances loaded before the
-run, so no figure includes a load. nginx runs the shipped deploy/nginx/lllmsd.conf (tests/cluster.py);
-the round-robin run drops its ``hash`` line. Per scenario:
+usage, the next turn sent once the answer is in and the user has "read" it: a think time of 0-2 s drawn
+from a generator seeded per conversation (without it, conversations in lockstep finish in the same
+alternating order that round robin hands out daemons, and round robin looks sticky by accident).
+Each daemon stands for one machine: ``concurrency`` 1 and one llama.cpp thread, ``--instances`` (8)
+instances loaded before the run, so no figure includes a load. nginx runs the shipped
+deploy/nginx/lllmsd.conf (tests/cluster.py); the round-robin run drops its ``hash`` line. Per scenario:
 - aggregate completion tokens per second of wall time;
 - p50 time to first token over every turn;
 - the share of prompt tokens served from an instance's cache (usage.prompt_tokens_details.cached_tokens
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -49,6 +52,7 @@ SYSTEM = (
 OPENERS = ["I grow tomatoes on a balcony.", "I am learning to play the cello.", "I keep bees in my garden.",
            "I repair old bicycles.", "I bake sourdough bread.", "I collect postage stamps.",
            "I sail a small boat on a lake.", "I knit scarves for friends."]  # fmt: skip
+THINK_SECONDS = 2.0
 FOLLOW_UPS = ["What should I watch out for?", "How do I get better at it?", "What would a beginner get wrong?",
               "Summarise your advice in one sentence."]  # fmt: skip
 
@@ -129,9 +133,11 @@ async def turn(
 async def conversation(url: str, scenario: str, index: int, turns: int, max_tokens: int) -> list[Turn]:
     messages = [{"role": "system", "content": SYSTEM.format(scenario=scenario)}]
     sid = f"{scenario}-{index}"
+    think = random.Random(index)  # the same think times in every scenario
     measured = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         for n in range(turns):
+            await asyncio.sleep(think.uniform(0, THINK_SECONDS))
             question = OPENERS[index % len(OPENERS)] if n == 0 else FOLLOW_UPS[(n - 1) % len(FOLLOW_UPS)]
             messages.append({"role": "user", "content": question})
             result, answer = await turn(session, url, messages, sid, max_tokens)
