@@ -181,6 +181,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = MappingProxyType(
             ),
             ResponseCreateRequest,
             errors=_GENERATION_ERRORS,
+            session=True,
         ),
         ("GET", "/responses/{response_id}"): Operation(
             "Retrieve a stored response",

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import TypeAdapter
 
-from lllmsd.api.keys import MODEL, RESPONSE_STORE, RUNTIME
+from lllmsd.api.keys import MODEL, RESPONSE_STORE, RUNTIME, SESSION
 from lllmsd.api.metrics import observe_generation
 from lllmsd.api.middleware import read_json
 from lllmsd.api.schemas.response_items import InputItem, items_to_messages
@@ -54,7 +54,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         raise in_responses_terms(exc) from None
     retention = Retention(settings.max_age, settings.max_count)
 
-    async with admission.pool.acquire(admission.job.context()) as instance:
+    async with admission.pool.acquire(admission.job.context(), session=request.get(SESSION)) as instance:
         turn, job, events = await _start_fitting(instance, turn, admission.job, admission.config)
         renderer = ResponseRenderer(body, job, stored=stored, created_at=runtime.clock.wall())
 

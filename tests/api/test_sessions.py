@@ -4,6 +4,7 @@ config, and used by the pool to send a session's turn back to the instance that 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -156,3 +157,14 @@ async def test_with_no_fresh_instance_a_new_session_evicts_the_oldest_conversati
     again = await chat(client, [*history, {"role": "user", "content": "more"}], "new-1")
     assert served_by(again) == "chat-1"
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_the_responses_api_takes_the_session_too(start_app: AppFactory, tmp_path: Path) -> None:
+    config = make_config({"chat": fake_model(max_instances=2)}, responses={"path": str(tmp_path / "r.sqlite3")})
+    client = await start_app(config)
+    body = {"model": "chat", "input": "the quick brown fox", "store": False}
+    response = await client.post("/v1/responses", json=body, headers={"X-Session-Id": "resp-1"})
+    assert response.status == 200, await response.text()
+    assert response.headers["X-Session-Id"] == "resp-1"
+    (instance,) = client.server.app[RUNTIME].pools["chat"].instances
+    assert instance.session == "resp-1"  # the pool knows which conversation this instance holds
