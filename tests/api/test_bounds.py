@@ -357,7 +357,13 @@ async def test_llama_large_length_and_item_bounds_are_enforced_not_crashed(llama
     body = smol_chat(tools=[tool(parameters, "pick")], tool_choice="required", max_tokens=20)
     status, answer = await post(llama, CHAT, body)
     assert status == 200, answer
-    assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "pick"
+    choice = answer["choices"][0]
+    if choice["finish_reason"] == "tool_calls":
+        assert choice["message"]["tool_calls"][0]["function"]["name"] == "pick"
+    else:  # a call cut off by max_tokens comes back as its text, never as a call (docs/tools.md)
+        assert choice["finish_reason"] == "length", choice
+        assert choice["message"].get("tool_calls") is None, choice
+        assert '"pick"' in choice["message"]["content"], choice
     await chat_and_embeddings_served(llama)
 
 
