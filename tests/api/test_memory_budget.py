@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from lllmsd.api.keys import RUNTIME
 from lllmsd.core.clock import ManualClock
@@ -212,3 +213,31 @@ async def test_mixed_traffic_never_builds_past_the_budget(start_app: AppFactory)
     assert all(body["choices"][0]["message"]["content"] == f"request {i}" for i, (_, body) in enumerate(results))
     assert 0 < probe.peak_live <= 1000 * MIB
     assert runtime_of(client).budget.status()["used_bytes"] <= 1000 * MIB
+
+
+async def test_status_and_metrics_show_the_budget_the_estimates_and_the_evictions(start_app: AppFactory) -> None:
+    config = config_of({"a": (600, {}), "b": (300, {})}, budget_mib=800)
+    client = await start_app(config, engines={"fake": MemoryProbe().engine_class()})
+    assert (await chat(client, "a"))[0] == 200
+    assert (await chat(client, "b"))[0] == 200
+    await eventually(lambda: not instance_ids(client, "a"))
+
+    status = await (await client.get("/")).json()
+    memory = status["memory"]
+    assert (memory["budget_bytes"], memory["used_bytes"], memory["evictions"]) == (800 * MIB, 300 * MIB, 1)
+    assert [(e["instance"], e["for"]) for e in memory["recent_evictions"]] == [("a-1", "b-1")]
+    (instance,) = status["models"]["b"]["instances"]
+    assert instance["memory_estimate_bytes"] == 300 * MIB
+    assert instance["memory_estimate_source"] == "declared"
+    assert instance["placement"] == {"backend": "fake", "device": "cpu"}
+
+    text = await (await client.get("/metrics")).text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("lllmsd_memory_budget_bytes", ())] == 800 * MIB
+    assert samples[("lllmsd_memory_reserved_bytes", ())] == 300 * MIB
+    assert samples[("lllmsd_memory_evictions_total", ())] == 1
+    assert samples[("lllmsd_instance_memory_estimate_bytes", (("instance", "b-1"), ("model", "b")))] == 300 * MIB
