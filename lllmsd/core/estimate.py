@@ -39,3 +39,32 @@ def files_size(files: ModelFiles) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def known_estimate(config: Any, engine_class: type[Engine]) -> int | None:
+    """One instance's estimate when it can be known before anything is downloaded or loaded: declared,
+    or the engine's own from a local ``location`` (``lllmsd config check``; blocking)."""
+    if config.memory_estimate is not None:
+        return int(config.memory_estimate)
+    if config.location is None or not Path(config.location).exists():
+        return None
+    try:
+        return engine_class.estimate_memory(config, ModelFiles(Path(config.location)))
+    except Exception:  # an unreadable file is the load's error to report, with its context
+        return None
+
+
+def min_instances_problems(models: dict[str, Any], classes: dict[str, type[Engine]], budget: int) -> list[str]:
+    """The models' ``min_instances`` cannot all be held at once within ``budget`` (where estimates are known)."""
+    needed = {
+        model_id: config.min_instances * size
+        for model_id, config in models.items()
+        if config.min_instances and (size := known_estimate(config, classes[model_id])) is not None
+    }
+    if sum(needed.values()) <= budget:
+        return []
+    parts = ", ".join(f"{m} {n / 2**20:.0f} MiB" for m, n in needed.items())
+    return [
+        f"min_instances need {sum(needed.values()) / 2**20:.0f} MiB ({parts}), more than memory_budget "
+        f"({budget / 2**20:.0f} MiB): they could never all load"
+    ]
