@@ -6,6 +6,7 @@ load error (a cuda device), as docs/accelerators.md says."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import llama_cpp
@@ -18,6 +19,7 @@ from lllmsd.engines.llama_cpp.embedding import LlamaCppEmbeddingEngine
 from lllmsd.engines.llama_cpp.text import LlamaCppTextEngine
 from lllmsd.engines.sentence_transformers import SentenceTransformersEngine
 from lllmsd.errors import ModelUnavailable
+from tests.conftest import AppFactory, make_config
 from tests.engines.conftest import model_config
 from tests.setup_models import model_path
 
@@ -194,3 +196,27 @@ def test_onnx_providers_reach_the_session_and_a_missing_one_is_an_error() -> Non
     cuda = model_config(_minilm(**{**onnx, "device": "cuda"}))
     with pytest.raises(ModelUnavailable, match="not CUDAExecutionProvider"):
         SentenceTransformersEngine(cuda, ModelFiles(model_path("minilm-onnx")))
+
+
+async def test_the_daemon_serves_gpu_layers_all_on_a_cpu_build_and_says_why_once(
+    start_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config({"chat": _llama(gpu_layers=-1, max_instances=2, min_instances=2)})
+    with caplog.at_level(logging.INFO, logger="lllmsd.core.pool"):
+        client = await start_app(config)
+        body = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status == 200, await response.text()
+        assert (await response.json())["choices"][0]["message"]["content"]
+        status = await (await client.get("/")).json()
+    instances = status["models"]["chat"]["instances"]
+    assert len(instances) == 2
+    for instance in instances:  # each in its own worker process, each with llama.cpp's own report
+        assert instance["isolation"] == "process"
+        assert instance["placement"]["device"] == "cpu"
+        assert instance["placement"]["layers_offloaded"] == 0
+        assert "no GPU backend" in instance["placement"]["notes"][0]
+        assert instance["memory_estimate_source"] == "estimated"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "no GPU backend" in w]) == 1  # once per model, not per instance
+    assert sum("ready: backend llama.cpp, device cpu" in r.getMessage() for r in caplog.records) == 2
