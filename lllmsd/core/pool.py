@@ -390,7 +390,7 @@ class ModelPool:
         needs any more, above ``min_instances``."""
         if self._budget is None:
             return
-        for instance in reversed(self.instances):
+        for instance in list(reversed(self.instances)):
             if surplus <= 0 or len(self.instances) <= self.config.min_instances:
                 return
             task = self._loads.get(instance)

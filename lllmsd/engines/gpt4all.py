@@ -141,15 +141,20 @@ class Gpt4AllEngine(TextEngine):
         # gpt4all prints (not logs) harmless "Failed to load libllamamodel-mainline-cuda" lines while it
         # looks for backends; device "cpu" (the default) keeps it off any GPU.
         log.debug("gpt4all: loading %s (n_ctx %d); libcudart errors on stderr are harmless", path, self.context_size)
-        self._gpt = GPT4All(
-            path.name,
-            model_path=path.parent,
-            allow_download=False,
-            device=config.device.type,
-            n_ctx=self.context_size,
-            ngl=config.gpu_layers if config.device.type != "cpu" else 0,
-            n_threads=None,
-        )
+        try:
+            self._gpt = GPT4All(
+                path.name,
+                model_path=path.parent,
+                allow_download=False,
+                device=config.device.type,
+                n_ctx=self.context_size,
+                ngl=config.gpu_layers if config.device.type != "cpu" else 0,
+                n_threads=None,
+            )
+        except ValueError as exc:  # "Unable to initialize model on GPU", an unknown device name
+            if config.device.type == "cpu":
+                raise
+            raise ModelUnavailable(f"gpt4all cannot use device {config.device.type!r}: {exc}") from exc
         self._model = self._gpt.model
         if not self._lib.llmodel_isModelLoaded(self._model.model):  # GPT4All ignores a failed load
             self._gpt.close()

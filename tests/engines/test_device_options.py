@@ -6,9 +6,12 @@ load error (a cuda device), as docs/accelerators.md says."""
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
+import wave
 
+import aiohttp
 import llama_cpp
 import pytest
 
@@ -220,3 +223,21 @@ async def test_the_daemon_serves_gpu_layers_all_on_a_cpu_build_and_says_why_once
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "no GPU backend" in w]) == 1  # once per model, not per instance
     assert sum("ready: backend llama.cpp, device cpu" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_cuda_device_that_is_not_there_is_a_503_to_the_waiting_request(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"stt": _whisper(device="cuda")}))
+    form = aiohttp.FormData()
+    form.add_field("model", "stt")
+    silence = io.BytesIO()
+    with wave.open(silence, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(b"\0\0" * 16000)
+    form.add_field("file", silence.getvalue(), filename="silence.wav", content_type="audio/wav")
+    response = await client.post("/v1/audio/transcriptions", data=form)
+    body = await response.json()
+    assert response.status == 503, body
+    assert "faster-whisper cannot use device 'cuda'" in body["error"]["message"]
+    assert (await client.get("/health")).status == 200  # the daemon keeps serving
