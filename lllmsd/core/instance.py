@@ -136,6 +136,7 @@ class ModelInstance:
         elif preload is not None and preload.prefix:
             self.context = Context.of_text(preload.prefix)
         self.cached_tokens = cached
+        await self.describe()  # before it is IDLE: nothing else can be running on it yet
         self.state = InstanceState.IDLE
         self.last_used = self.clock.now()
 

@@ -413,10 +413,10 @@ class ModelPool:
         finally:
             instance.waiting_for_memory = False
 
-    async def _describe(self, instance: ModelInstance) -> None:
+    def _loaded(self, instance: ModelInstance) -> None:
         """Log where the new instance runs and what it holds (warning once per model about what it could
         not honour), and measure it when its engine has no estimate of its own."""
-        placement = await instance.describe()
+        placement = instance.placement or {}
         for note in placement.get("notes", ()):
             if note not in self._notes_logged:
                 self._notes_logged.add(note)
@@ -465,7 +465,7 @@ class ModelPool:
             engine_failed = True  # past here, the same weights would fail the same way: back off
             await self._reserve_memory(instance, files)
             await instance.load(files, self._preload)
-            await self._describe(instance)
+            self._loaded(instance)
         except asyncio.CancelledError:
             self._forget(instance)
             await self._dispose(instance)

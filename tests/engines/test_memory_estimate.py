@@ -43,7 +43,7 @@ async def test_smollm2_estimate_is_within_25_percent_of_the_rss_it_adds(context:
     estimate = gguf_estimate(model_config(model), ModelFiles(model_path("smollm2")), embedding=False)
     instance = await load_instance(model)
     try:
-        placement = await instance.describe()
+        placement = instance.placement
         # the estimate's KV term is what llama.cpp itself allocated for that context and type
         assert placement["buffers"]["CPU KV"] == pytest.approx(estimate.kv_cache, rel=0.01)
         prompt = "hello " * (context - 40)  # one token per word: fills the context but for the answer
