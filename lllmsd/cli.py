@@ -125,8 +125,24 @@ def config() -> None:
 @config.command("check")
 @CONFIG_OPTION
 def config_check(config_path: Path) -> None:
-    """Validate a config file: every problem with its path, exit code 2 if there are any."""
+    """Validate a config file: every problem with its path, exit code 2 if there are any; warn about what
+    will not work on this machine (a cuda device with no CUDA, offload on a CPU-only build)."""
     loaded = load_or_exit(config_path)
+    from lllmsd.core.budget import budget_bytes
+    from lllmsd.core.estimate import min_instances_problems
+    from lllmsd.engines.registry import builtin_engines
+
+    engines = builtin_engines()
+    classes = {m: engines[c.engine].class_for(c.task) for m, c in loaded.models.items()}
+    for model_id, model in loaded.models.items():
+        for field, message in classes[model_id].config_warnings(model):
+            click.echo(f"{config_path}: warning: models.{model_id}.{field}: {message}", err=True)
+    problems = min_instances_problems(loaded.models, classes, budget_bytes(loaded.memory_budget))
+    if problems:
+        click.echo(f"{config_path}: invalid config:", err=True)
+        for line in problems:
+            click.echo(f"  memory_budget: {line}", err=True)
+        sys.exit(2)
     click.echo(f"{config_path}: ok ({len(loaded.models)} models: {', '.join(loaded.models) or 'none'})")
 
 

@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -73,6 +76,41 @@ class DeviceConfig(_Section):
     )
     batch_threads: int | None = Field(
         None, ge=1, description="CPU threads per instance for prompt evaluation; null lets the engine choose."
+    )
+
+
+class _NamedDeviceConfig(DeviceConfig):
+    """A device section that also names the device: ``device: cuda`` is short for ``device: {type: cuda}``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+
+class WhisperDeviceConfig(_NamedDeviceConfig):
+    type: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu",
+        description="Where CTranslate2 runs Whisper: cpu, cuda, or auto (CUDA when this CTranslate2 build and "
+        "the machine have it, else the CPU). `device: cuda` is short for `device: {type: cuda}`.",
+    )
+
+
+class EmbeddingDeviceConfig(_NamedDeviceConfig):
+    type: Literal["cpu", "cuda", "mps", "auto"] = Field(
+        "cpu",
+        description="Where the model runs: cpu, cuda, mps (Apple) or auto (the first of cuda, mps, cpu that "
+        "torch, or for backend onnx onnxruntime, can use). `device: cuda` is short for `device: {type: cuda}`.",
+    )
+    index: int = Field(0, ge=0, description="Which GPU, when there are several (cuda:INDEX).")
+
+
+class Gpt4AllDeviceConfig(_NamedDeviceConfig):
+    type: str = Field(
+        "cpu",
+        min_length=1,
+        description="gpt4all's device: cpu, gpu (the best one found), kompute, cuda, amd, nvidia, intel, or a "
+        "GPU's name as gpt4all lists it. `device: gpu` is short for `device: {type: gpu}`.",
     )
 
 
@@ -244,6 +282,13 @@ class ModelBase(_Section):
         "content and tool-call arguments; completions: prompt and suffix), checked before any tokenizing.",
     )
     # -- speech-to-text models: what one upload may hold (see docs/transcription.md); more is a 400
+    memory_estimate: ByteSize | None = Field(
+        None,
+        description="Memory one instance of this model takes, counted against the daemon's `memory_budget` "
+        "(bytes, or a size such as `1.5GiB`); null = estimated: GGUF models from the file's metadata (weights, "
+        "KV cache for the context size and cache type, compute buffers), other engines measured after their "
+        "first load.",
+    )
     max_audio_seconds: float = Field(
         7200,
         gt=0,
@@ -367,6 +412,10 @@ class FakeModelConfig(ModelBase):
         return False
 
 
+# llama.cpp's KV cache types (ggml types a cache may hold)
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
+
+
 class LlamaCppModelConfig(ModelBase):
     """GGUF models on llama-cpp-python."""
 
@@ -377,7 +426,7 @@ class LlamaCppModelConfig(ModelBase):
     grammars: dict[str, str] = Field(
         default_factory=dict, description="Named grammars (GBNF text or a JSON Schema as JSON text)."
     )
-    batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+    batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per batch (llama.cpp's n_batch).")
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic"] = Field(
         "auto",
         description="Tool-call syntax: auto = detected from the chat template (docs/tools.md); hermes "
@@ -388,6 +437,49 @@ class LlamaCppModelConfig(ModelBase):
         description="A thinking model's <think> text: separate = returned as reasoning_content; inline = left "
         "in the content, tags included, for clients that want it raw.",
     )
+    ubatch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per physical batch (n_ubatch): its compute buffer grows with it; null = batch_size.",
+    )
+    gpu_layers: int = Field(
+        0,
+        ge=-1,
+        description="Layers offloaded to the GPU (n_gpu_layers); -1 = all. Needs a llama-cpp-python built with a "
+        "GPU backend (`make install ACCEL=cuda` or `vulkan`); on a CPU-only build the model serves on the CPU and "
+        "one warning says why.",
+    )
+    main_gpu: int = Field(0, ge=0, description="The GPU that holds the model (split_mode none) or its scratch buffers.")
+    split_mode: Literal["none", "layer", "row"] = Field(
+        "layer",
+        description="How the model is spread over several GPUs: none (main_gpu only), layer (whole layers per "
+        "GPU) or row (rows of each tensor across GPUs).",
+    )
+    tensor_split: list[float] | None = Field(
+        None, description="Share of the model each GPU takes, e.g. [3, 1]; null = in proportion to free memory."
+    )
+    flash_attn: bool = Field(
+        False, description="Flash attention: a smaller compute buffer at long contexts; a quantized V cache needs it."
+    )
+    cache_type_k: KvCacheType = Field(
+        "f16", description="KV cache type of keys: f16, or q8_0 / q4_0 / ... for about half / a quarter the memory."
+    )
+    cache_type_v: KvCacheType = Field(
+        "f16", description="KV cache type of values (a quantized type needs flash_attn: true)."
+    )
+    offload_kqv: bool = Field(True, description="Keep the KV cache and attention on the GPU with offloaded layers.")
+    use_mmap: bool = Field(
+        True, description="Map the GGUF into memory instead of reading it: pages shared between instances."
+    )
+    use_mlock: bool = Field(False, description="Lock the weights in RAM so they are never swapped out.")
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = super().problems()
+        if self.cache_type_v not in ("f16", "f32", "bf16") and not self.flash_attn:
+            found.append(("cache_type_v", f"{self.cache_type_v} (a quantized V cache) needs flash_attn: true"))
+        if self.tensor_split is not None and (not self.tensor_split or min(self.tensor_split) < 0):
+            found.append(("tensor_split", "give one share >= 0 per GPU"))
+        return found
 
 
 class Gpt4AllModelConfig(ModelBase):
@@ -405,6 +497,12 @@ class Gpt4AllModelConfig(ModelBase):
     system_template: str | None = Field(
         None, description="System turn template with {0} for the system prompt; null = derived from the GGUF."
     )
+    device: Gpt4AllDeviceConfig = Field(  # type: ignore[assignment]
+        default_factory=Gpt4AllDeviceConfig, description="Where gpt4all runs the model, and its CPU threads."
+    )
+    gpu_layers: int = Field(
+        100, ge=0, description="Layers gpt4all offloads when `device` is a GPU (its ngl); ignored on the CPU."
+    )
 
     @field_validator("prompt_template", "system_template", mode="after")
     @classmethod
@@ -419,6 +517,17 @@ class SentenceTransformersModelConfig(ModelBase):
 
     engine: Literal["sentence-transformers"] = Field(description="Engine that runs the model.")
     backend: Literal["torch", "onnx"] = Field("torch", description="Run on torch or on onnxruntime.")
+    device: EmbeddingDeviceConfig = Field(  # type: ignore[assignment]
+        default_factory=EmbeddingDeviceConfig, description="Where the model runs, and its CPU threads."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="backend torch: the weights' type (float16 / bfloat16 halve their memory; GPU)."
+    )
+    providers: list[str] | None = Field(
+        None,
+        description="backend onnx: onnxruntime execution providers in order of preference, e.g. "
+        "[CUDAExecutionProvider, CPUExecutionProvider]; null = from `device` (CUDA then CPU for cuda).",
+    )
     file_name: str | None = Field(
         None,
         description="backend onnx: the ONNX file inside the model folder (default onnx/model.onnx, then "
@@ -431,6 +540,10 @@ class SentenceTransformersModelConfig(ModelBase):
             found.append(("file_name", "chooses an ONNX file: it goes with backend: onnx"))
         if self.file_name is not None and (Path(self.file_name).is_absolute() or ".." in Path(self.file_name).parts):
             found.append(("file_name", "must be a path inside the model folder"))
+        if self.providers is not None and self.backend != "onnx":
+            found.append(("providers", "chooses onnxruntime execution providers: it goes with backend: onnx"))
+        if "dtype" in self.model_fields_set and self.backend != "torch":
+            found.append(("dtype", "sets torch weights' type: it goes with backend: torch"))
         return found
 
 
@@ -438,7 +551,18 @@ class FasterWhisperModelConfig(ModelBase):
     """Whisper models in CTranslate2 format on faster-whisper."""
 
     engine: Literal["faster-whisper"] = Field(description="Engine that runs the model.")
-    compute_type: str = Field("int8", description="CTranslate2 compute type (int8 on CPU).")
+    device: WhisperDeviceConfig = Field(  # type: ignore[assignment]
+        default_factory=WhisperDeviceConfig, description="Where CTranslate2 runs the model, and its CPU threads."
+    )
+    device_index: int | list[int] = Field(
+        0, description="Which GPU (or GPUs: a list loads one replica on each) when `device` is cuda."
+    )
+    compute_type: str = Field(
+        "int8",
+        description="CTranslate2 compute type: int8 (CPU), float16 or int8_float16 (CUDA), float32, default, auto "
+        "(the fastest the device supports); sets the weights' memory.",
+    )
+
     beam_size: int = Field(5, ge=1, description="Beam search width.")
     vad_filter: bool = Field(False, description="Skip silence with the Silero VAD.")
 
@@ -530,7 +654,21 @@ class DaemonConfig(_Section):
         "holds the conversation); a balancer in front of several daemons hashes on the same header "
         "(docs/scale-out.md).",
     )
+    memory_budget: int | str | None = Field(
+        None,
+        description="Memory every model's instances may take together, by their estimates (`memory_estimate`): "
+        "bytes, a size (`12GiB`) or a share of the machine's memory (`60%`). A load that would not fit first "
+        "disposes the least recently used idle instance of any model, else waits in its model's queue. "
+        "null = 75% of the machine's memory (or of the cgroup's limit).",
+    )
     models: dict[str, ModelBase] = Field(default_factory=dict, description=MODELS_DESCRIPTION)
+
+    @field_validator("memory_budget", mode="after")
+    @classmethod
+    def _check_budget(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_memory_budget(value, machine=1)  # raises ValueError with the reason
+        return value
 
     @field_validator("cache_dir", mode="after")
     @classmethod
@@ -643,6 +781,28 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def parse_memory_budget(value: int | str, *, machine: int) -> int:
+    """``memory_budget`` in bytes: an int, a size (``12GiB``, ``500MB``) or a share of ``machine`` (``60%``)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage") from None
+        if not 0 < share <= 100:
+            raise ValueError("a share of the machine's memory is between 0% and 100%")
+        return int(machine * share / 100)
+    try:
+        size = int(_BYTE_SIZE.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size: give bytes, a size such as 12GiB, or a share such as 60%") from None
+    if size <= 0:
+        raise ValueError("must be more than 0")
+    return size
+
+
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
 API_KEYS_ENV = "LLLMSD_API_KEYS"

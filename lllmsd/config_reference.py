@@ -43,7 +43,15 @@ def sections(engines: EngineRegistry) -> list[tuple[str, type[BaseModel], type[B
         ("`models.<id>.voices.<name>`", VoiceConfig, None),
     ]
     names = sorted(engines, key=lambda name: name == "fake")  # the test engine after the real ones
-    return shared + [(f"`engine: {name}`", engines[name].config_class, ModelBase) for name in names]
+    tables = list(shared)
+    for name in names:
+        config_class = engines[name].config_class
+        tables.append((f"`engine: {name}`", config_class, ModelBase))
+        device = config_class.model_fields["device"].annotation
+        if isinstance(device, type) and issubclass(device, DeviceConfig) and device is not DeviceConfig:
+            # an engine whose device section also names the device (`device: cuda`)
+            tables.append((f"`engine: {name}`: `device`", device, DeviceConfig))
+    return tables
 
 
 def _render(annotation: Any) -> str:

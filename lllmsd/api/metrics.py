@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from lllmsd import __version__
@@ -246,6 +246,7 @@ class RuntimeCollector:
             "lllmsd_concurrency_limit", "Engine tasks that may run at once.", value=status["concurrency"]["limit"]
         )
         yield from _download_metrics(status.get("downloads", []))
+        yield from _memory_metrics(status["memory"], pools)
         info = GaugeMetricFamily("lllmsd_build_info", "The daemon's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -309,6 +310,53 @@ def _download_metrics(downloads: list[dict[str, Any]]) -> Iterator[Metric]:
         total.add_metric([model], sizes[model])
     yield done
     yield total
+
+
+def _memory_metrics(memory: dict[str, Any], pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """The memory budget (core/budget.py) and what each instance holds in it, in RAM and on a device."""
+    yield GaugeMetricFamily(
+        "lllmsd_memory_budget_bytes",
+        "Memory all instances may take together (memory_budget).",
+        value=memory["budget_bytes"],
+    )
+    yield GaugeMetricFamily(
+        "lllmsd_memory_reserved_bytes",
+        "The estimates of every instance loaded, loading or being disposed.",
+        value=memory["used_bytes"],
+    )
+    yield GaugeMetricFamily(
+        "lllmsd_memory_loads_waiting", "Instance loads waiting for room in the budget.", value=memory["loads_waiting"]
+    )
+    yield CounterMetricFamily(
+        "lllmsd_memory_evictions", "Idle instances disposed to make room for another load.", value=memory["evictions"]
+    )
+    estimate = GaugeMetricFamily(
+        "lllmsd_instance_memory_estimate_bytes",
+        "The memory the budget holds for an instance (its estimate, or what it was measured to take).",
+        labels=["model", "instance"],
+    )
+    resident = GaugeMetricFamily(
+        "lllmsd_instance_resident_bytes",
+        "Resident memory of an instance's worker process.",
+        labels=["model", "instance"],
+    )
+    device = GaugeMetricFamily(
+        "lllmsd_instance_device_memory_bytes",
+        "Memory an instance holds on a GPU, as its library reports it.",
+        labels=["model", "instance"],
+    )
+    for model_id, pool in pools:
+        for instance in pool["instances"]:
+            labels = [model_id, instance["id"]]
+            if instance.get("memory_estimate_bytes") is not None:
+                estimate.add_metric(labels, instance["memory_estimate_bytes"])
+            if (instance.get("worker") or {}).get("rss_bytes") is not None:
+                resident.add_metric(labels, instance["worker"]["rss_bytes"])
+            if (instance.get("placement") or {}).get("device_memory") is not None:
+                device.add_metric(labels, instance["placement"]["device_memory"])
+    yield estimate
+    yield resident
+    yield device
 
 
 def _number(value: Any) -> float:

@@ -105,6 +105,11 @@ class ModelInstance:
         # its context holds, for the pool's session affinity
         self.session: str | None = None
         self.error: str | None = None
+        # what the engine reports about where it runs (Engine.placement), and the memory the budget holds
+        self.placement: dict[str, Any] | None = None
+        self.memory_estimate: int | None = None
+        self.estimate_source: str | None = None
+        self.waiting_for_memory = False
         self.isolation = isolation_of(config, engine_class)
         target = engine_target(engine_class)
         self.host: EngineHost
@@ -131,8 +136,19 @@ class ModelInstance:
         elif preload is not None and preload.prefix:
             self.context = Context.of_text(preload.prefix)
         self.cached_tokens = cached
+        await self.describe()  # before it is IDLE: nothing else can be running on it yet
         self.state = InstanceState.IDLE
         self.last_used = self.clock.now()
+
+    async def describe(self) -> dict[str, Any]:
+        """Ask the loaded engine where it runs and what it holds (kept for ``status``). A failure to
+        report is logged, never a failed instance."""
+        try:
+            self.placement = dict(await self.host.call("placement", None, Deadline.after(30, self.model_id)))
+        except Exception as exc:
+            log.warning("instance %s: no placement report: %s", self.id, exc)
+            self.placement = {}
+        return self.placement
 
     async def dispose(self, grace: float | None = None) -> None:
         """Free the engine (a worker that does not exit within ``grace`` seconds, default the model's
@@ -256,6 +272,10 @@ class ModelInstance:
             "requests_served": self.requests_served,
             "error": self.error,
             "worker": self.host.memory(),
+            "placement": self.placement,
+            "memory_estimate_bytes": self.memory_estimate,
+            "memory_estimate_source": self.estimate_source,
+            "waiting_for_memory": self.waiting_for_memory,
         }
 
 

@@ -23,6 +23,12 @@ backs off (2, 4, 8, ... 60 s): no load starts meanwhile, and a request that noth
 at once with the last load error and a Retry-After. (A failed download only delays ``min_instances``
 refills: the next request starts it afresh.)
 
+Memory (core/budget.py): a new instance loads only once the daemon's memory budget has room for its
+estimate (core/estimate.py); until then it stays LOADING and the requests wait in the queue as for a
+busy model. Making room may dispose the least recently used idle instances of other models: the budget
+calls ``evict``. A load that waits for room and that no waiting request needs any more is dropped.
+When step 3 above would have to wait for room, step 4 (reuse an idle instance) is taken instead.
+
 Concurrency rules: everything here runs on the event loop thread and never blocks; loading and
 disposing happen in the instances' worker threads. Pool bookkeeping (instances, waiters) is changed only
 by synchronous methods, so no lock is needed: there is no ``await`` between a decision and its effect.
@@ -41,7 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lllmsd.core.batcher import EmbeddingBatcher
+from lllmsd.core.budget import MemoryBudget
 from lllmsd.core.clock import Clock
+from lllmsd.core.estimate import estimate_instance
 from lllmsd.core.instance import InstanceState, ModelInstance, instance_ids
 from lllmsd.core.jobs import (
     EMPTY_CONTEXT,
@@ -93,6 +101,7 @@ class ModelPool:
         limiter: ConcurrencyLimit,
         clock: Clock,
         preload: Preload | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.model_id = model_id
         self.config = config
@@ -113,6 +122,11 @@ class ModelPool:
         self._preparing = 0  # loads waiting for the store (downloads): waiters do not time out meanwhile
         self._last_error: str | None = None
         self._idle_changed = asyncio.Event()
+        self._budget = budget
+        self._loads: dict[ModelInstance, asyncio.Task[Any]] = {}  # load tasks, to drop unneeded waits for room
+        self._instance_size: int | None = None  # the last estimate of one instance (for step 3 vs 4)
+        self._measured: int | None = None  # RSS of the first instance measured, for engines with no estimate
+        self._notes_logged: set[str] = set()  # placement notes are warned about once per model
         self.batcher: EmbeddingBatcher | None = None
         if config.task is ModelTask.EMBEDDING:
             self.batcher = EmbeddingBatcher(
@@ -123,6 +137,8 @@ class ModelPool:
                 max_waiting=config.max_waiting,
             )
         limiter.subscribe(self)
+        if budget is not None:
+            budget.subscribe(self)
 
     # --------------------------------------------------------------------------------------- public
 
@@ -184,6 +200,7 @@ class ModelPool:
                     )
                 )
         self._ensure_min()
+        self.dispatch()  # loads that waited for memory for the requests that timed out are dropped
 
     async def close(self, grace: float) -> None:
         """Stop taking requests, let running ones finish for up to ``grace`` seconds, dispose everything."""
@@ -203,7 +220,9 @@ class ModelPool:
         instances, self.instances = self.instances, []
         # what is left of the grace (a moment at least, for an idle worker to exit on its own), then kill
         left = max(end - loop.time(), DISPOSE_FLOOR)
-        await asyncio.gather(*(i.dispose(left) for i in instances), return_exceptions=True)
+        await asyncio.gather(*(self._dispose(i, left) for i in instances), return_exceptions=True)
+        if self._budget is not None:
+            self._budget.unsubscribe(self)
 
     @property
     def waiting(self) -> int:
@@ -285,6 +304,8 @@ class ModelPool:
         self._idle_changed.set()
         self.dispatch()
         self._ensure_min()
+        if self._budget is not None:
+            self._budget.settle()  # an instance left idle may be what a waiting load can evict
 
     def dispatch(self) -> None:
         """Serve waiters in FIFO order, each with an idle instance and a global slot taken together;
@@ -314,6 +335,7 @@ class ModelPool:
         while unserved > 0 and self._can_grow():
             self._spawn()
             unserved -= 1
+        self._drop_unneeded_loads(-unserved)
 
     def _choose(self, wanted: Context, session: str | None = None) -> ModelInstance | None:
         idle = list(self._idle())
@@ -330,7 +352,7 @@ class ModelPool:
         fresh = [i for i in idle if _is_fresh(i)]
         if fresh:
             return fresh[0]
-        if self._can_grow():
+        if self._can_grow() and self._room_for_another():
             return None
         lru = min(idle, key=lambda i: i.last_used)
         lru.reset_context()
@@ -342,12 +364,94 @@ class ModelPool:
     def _can_grow(self) -> bool:
         return not self._closing and len(self.instances) < self.config.max_instances and self.retry_in <= 0
 
+    def _room_for_another(self) -> bool:
+        """Whether one more instance would load at once, with nothing evicted (unknown before the first
+        estimate: then it is tried)."""
+        size = self._instance_size
+        return self._budget is None or size is None or self._budget.fits_now(size)
+
+    # -------------------------------------------------------------------------------------- memory
+
+    def evictable(self) -> list[ModelInstance]:
+        """Idle instances the budget may dispose for another model's load, least recently used first:
+        none while requests wait here (they take idle instances as soon as a slot frees), and never
+        below ``min_instances``."""
+        if self.waiting:
+            return []
+        spare = len(self.instances) - self.config.min_instances
+        return sorted(self._idle(), key=lambda i: i.last_used)[: max(spare, 0)]
+
+    def evict(self, instance: ModelInstance) -> None:
+        log.info("%s: instance %s disposed to make room in the memory budget", self.model_id, instance.id)
+        self._discard(instance)
+
+    def _drop_unneeded_loads(self, surplus: int) -> None:
+        """Cancel up to ``surplus`` loads still waiting for room (newest first) that no waiting request
+        needs any more, above ``min_instances``."""
+        if self._budget is None:
+            return
+        for instance in list(reversed(self.instances)):
+            if surplus <= 0 or len(self.instances) <= self.config.min_instances:
+                return
+            task = self._loads.get(instance)
+            if task is not None and instance.waiting_for_memory:
+                log.info("%s: instance %s no longer needed; it stops waiting for memory", self.model_id, instance.id)
+                self._forget(instance)
+                task.cancel()
+                surplus -= 1
+
+    async def _reserve_memory(self, instance: ModelInstance, files: ModelFiles) -> None:
+        """Until the budget holds room for this instance's estimate."""
+        if self._budget is None:
+            return
+        size, source = await estimate_instance(self.config, self.engine_class, files, self._measured)
+        self._instance_size = size
+        instance.memory_estimate, instance.estimate_source = size, source
+        instance.waiting_for_memory = True
+        try:
+            await self._budget.request(self, instance, size)
+        finally:
+            instance.waiting_for_memory = False
+
+    def _loaded(self, instance: ModelInstance) -> None:
+        """Log where the new instance runs and what it holds (warning once per model about what it could
+        not honour), and measure it when its engine has no estimate of its own."""
+        placement = instance.placement or {}
+        for note in placement.get("notes", ()):
+            if note not in self._notes_logged:
+                self._notes_logged.add(note)
+                log.warning("%s: %s", self.model_id, note)
+        memory = instance.host.memory() or {}
+        log.info(
+            "%s: instance %s ready: %s; memory: estimate %s (%s), resident %s",
+            self.model_id,
+            instance.id,
+            ", ".join(f"{k} {v}" for k, v in placement.items() if k not in ("notes", "buffers")),
+            _mib(instance.memory_estimate),
+            instance.estimate_source,
+            _mib(memory.get("rss_bytes")),
+        )
+        if instance.estimate_source == "files" and memory.get("rss_bytes") and self._budget is not None:
+            self._measured = memory["rss_bytes"]
+            instance.memory_estimate, instance.estimate_source = self._measured, "measured"
+            self._budget.resize(instance, self._measured)
+
+    async def _dispose(self, instance: ModelInstance, grace: float | None = None) -> None:
+        """Dispose ``instance``; its memory is the budget's again once its worker is gone."""
+        try:
+            await instance.dispose(grace)
+        finally:
+            if self._budget is not None:
+                self._budget.release(instance)
+
     # ----------------------------------------------------------------------------- loading, disposing
 
     def _spawn(self) -> ModelInstance:
         instance = ModelInstance(self.model_id, self.config, self.engine_class, self.clock, instance_id=next(self._ids))
         self.instances.append(instance)
-        self._in_background(self._load(instance))
+        task = self._in_background(self._load(instance))
+        self._loads[instance] = task
+        task.add_done_callback(lambda _: self._loads.pop(instance, None))
         return instance
 
     async def _load(self, instance: ModelInstance) -> None:
@@ -359,20 +463,23 @@ class ModelPool:
             finally:
                 self._preparing -= 1
             engine_failed = True  # past here, the same weights would fail the same way: back off
+            await self._reserve_memory(instance, files)
             await instance.load(files, self._preload)
+            self._loaded(instance)
         except asyncio.CancelledError:
             self._forget(instance)
-            await instance.dispose()
+            await self._dispose(instance)
             raise
         except Exception as exc:
             self._load_failed(instance, exc, engine_failed=engine_failed)
-            await instance.dispose()
+            await self._dispose(instance)
             return
         self._load_failures = 0
         self._engine_retry_at = 0.0
         self._last_error = None
-        log.info("%s: instance %s ready", self.model_id, instance.id)
         self.dispatch()
+        if self._budget is not None:
+            self._budget.settle()  # the new instance is idle: a waiting load may evict it
 
     def _load_failed(self, instance: ModelInstance, exc: Exception, *, engine_failed: bool) -> None:
         self._forget(instance)
@@ -398,7 +505,7 @@ class ModelPool:
 
     def _discard(self, instance: ModelInstance) -> None:
         self._forget(instance)
-        self._disposals.add(self._in_background(instance.dispose()))
+        self._disposals.add(self._in_background(self._dispose(instance)))
 
     def _forget(self, instance: ModelInstance) -> None:
         with contextlib.suppress(ValueError):
@@ -437,3 +544,7 @@ class ModelPool:
 def _is_fresh(instance: ModelInstance) -> bool:
     """Whether an instance holds no conversation of its own: never used, or its context was reset."""
     return instance.requests_served == 0 or instance.context.empty
+
+
+def _mib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 2**20:.0f} MiB"

@@ -1,7 +1,8 @@
 """Runtime: everything one daemon runs, built from one config. No globals: tests build one per config.
 
 It owns the store, one ModelPool per model (the pool knows its config and engine class: there is one
-routing table, ``pools``), the global concurrency limiter shared by all pools, and the background reaper.
+routing table, ``pools``), the global concurrency limiter and the memory budget shared by all pools
+(core/limit.py, core/budget.py), and the background reaper.
 The HTTP layer reaches models only through ``runtime.admit`` (core/admission.py).
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from lllmsd.config import DaemonConfig
 from lllmsd.core.admission import Admission, J, admit, serves
+from lllmsd.core.budget import MemoryBudget, budget_bytes
 from lllmsd.core.clock import Clock, SystemClock
 from lllmsd.core.instance import InstanceState
 from lllmsd.core.jobs import JobKind
@@ -74,6 +76,7 @@ class Runtime:
         self.engines = engines or builtin_engines()
         self._reap_interval = reap_interval
         self.limiter = ConcurrencyLimit(config.concurrency)
+        self.budget = MemoryBudget(budget_bytes(config.memory_budget))
         self.pools: dict[str, ModelPool] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.started_at = self.clock.wall()
@@ -117,7 +120,14 @@ class Runtime:
 
         preload = model.preload.to_preload() if model.preload is not None else None
         return ModelPool(
-            model_id, model, engine_class, files=files, limiter=self.limiter, clock=self.clock, preload=preload
+            model_id,
+            model,
+            engine_class,
+            files=files,
+            limiter=self.limiter,
+            clock=self.clock,
+            preload=preload,
+            budget=self.budget,
         )
 
     async def stop(self) -> None:
@@ -156,6 +166,9 @@ class Runtime:
                 if name not in (*RESTART_ONLY, "models") and getattr(config, name) != getattr(self.config, name)
             )
             self.config = config.model_copy(update={name: getattr(self.config, name) for name in RESTART_ONLY})
+            if "memory_budget" in settings:
+                self.budget.limit = budget_bytes(config.memory_budget)
+                self.budget.settle()
             for model_id in removed + replaced:
                 self.retiring.append(self.pools.pop(model_id))
             for model_id in added + replaced:
@@ -214,6 +227,7 @@ class Runtime:
         return {
             "uptime_seconds": round(self.clock.wall() - self.started_at, 3),
             "concurrency": {"limit": self.config.concurrency, "in_use": self.limiter.in_use},
+            "memory": self.budget.status(),
             "models": models,
             # the previous configuration of removed or changed models, until its last request ends
             "retiring": [{"model": pool.model_id, **pool.status()} for pool in self.retiring],

@@ -95,6 +95,13 @@ class Engine:
         return []
 
     @classmethod
+    def config_warnings(cls, config: ModelBase) -> list[tuple[str, str]]:
+        """What will not work as asked on this machine but is no error in the config itself (a cuda
+        device with no CUDA here), as (field, message); ``lllmsd config check`` prints them. May import the
+        engine's library: called off the event loop."""
+        return []
+
+    @classmethod
     def check_job(cls, config: ModelBase, job: Job) -> None:
         """Raise UnsupportedParameter / InvalidRequest for what this engine cannot honour beyond its
         declared features. Called on the event loop before the request queues: cheap, no weights."""
@@ -104,6 +111,20 @@ class Engine:
         """Whether ``check_job`` may take long enough for this job (milliseconds: converting a large JSON
         Schema into a grammar) that admission should run it in a thread, off the event loop."""
         return False
+
+    @classmethod
+    def estimate_memory(cls, config: ModelBase, files: ModelFiles) -> int | None:
+        """Bytes one instance will take, known before it loads (GGUF: from the file's metadata), or None:
+        the pool then measures the first instance it loads and reuses that (core/budget.py). Called off
+        the event loop: it may read the files."""
+        return None
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        """Where this instance runs and what it holds (backend, device, context, cache types, memory the
+        library reports), for the start-up log and ``GET /``. A ``notes`` list says what the load could not
+        honour (offload asked of a build without a GPU backend); the pool logs it once as a warning. Called
+        like a job method, on the engine's thread, once after load (the argument is unused)."""
+        return {"backend": self.name, "device": "cpu"}
 
     def close(self) -> None:
         """Free the weights. Called once, on the worker thread."""

@@ -93,13 +93,38 @@ class FasterWhisperEngine(TranscriptionEngine):
 
     def _load_model(self) -> Any:
         """The WhisperModel for ``self.path`` (a separate step so tests can share one loaded model)."""
-        return WhisperModel(
-            str(self.path),
-            device="cpu",
-            compute_type=self.config.compute_type,
-            cpu_threads=self.config.device.threads or 0,  # 0 = CTranslate2 picks
-            local_files_only=True,
-        )
+        device = self.config.device.type
+        try:
+            return WhisperModel(
+                str(self.path),
+                device=device,
+                device_index=self.config.device_index,
+                compute_type=self.config.compute_type,
+                cpu_threads=self.config.device.threads or 0,  # 0 = CTranslate2 picks
+                local_files_only=True,
+            )
+        except (RuntimeError, ValueError) as exc:
+            if device == "cpu":
+                raise
+            # no CUDA driver, no such GPU, a compute type the device cannot do: the config's fault
+            raise ModelUnavailable(f"faster-whisper cannot use device {device!r}: {exc}") from exc
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        model = self.model.model  # the ctranslate2 Whisper: what CTranslate2 resolved auto to
+        return {
+            "backend": "ctranslate2",
+            "device": model.device,
+            "device_index": list(model.device_index),
+            "compute_type": model.compute_type,
+        }
+
+    @classmethod
+    def config_warnings(cls, config: FasterWhisperModelConfig) -> list[tuple[str, str]]:
+        import ctranslate2
+
+        if config.device.type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            return [("device", "cuda asked, but CTranslate2 sees no CUDA device here: loading will fail (503)")]
+        return []
 
     @classmethod
     def check_job(cls, config: FasterWhisperModelConfig, job: Job) -> None:

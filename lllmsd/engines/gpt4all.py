@@ -28,6 +28,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lllmsd.config import Gpt4AllModelConfig
 from lllmsd.core.jobs import (
@@ -138,17 +139,22 @@ class Gpt4AllEngine(TextEngine):
         self._prompt_callback_type = _pyllmodel.PromptCallback
         self._response_callback_type = _pyllmodel.ResponseCallback
         # gpt4all prints (not logs) harmless "Failed to load libllamamodel-mainline-cuda" lines while it
-        # looks for backends; device="cpu" keeps it off any GPU.
+        # looks for backends; device "cpu" (the default) keeps it off any GPU.
         log.debug("gpt4all: loading %s (n_ctx %d); libcudart errors on stderr are harmless", path, self.context_size)
-        self._gpt = GPT4All(
-            path.name,
-            model_path=path.parent,
-            allow_download=False,
-            device="cpu",
-            n_ctx=self.context_size,
-            ngl=0,
-            n_threads=None,
-        )
+        try:
+            self._gpt = GPT4All(
+                path.name,
+                model_path=path.parent,
+                allow_download=False,
+                device=config.device.type,
+                n_ctx=self.context_size,
+                ngl=config.gpu_layers if config.device.type != "cpu" else 0,
+                n_threads=None,
+            )
+        except ValueError as exc:  # "Unable to initialize model on GPU", an unknown device name
+            if config.device.type == "cpu":
+                raise
+            raise ModelUnavailable(f"gpt4all cannot use device {config.device.type!r}: {exc}") from exc
         self._model = self._gpt.model
         if not self._lib.llmodel_isModelLoaded(self._model.model):  # GPT4All ignores a failed load
             self._gpt.close()
@@ -192,6 +198,14 @@ class Gpt4AllEngine(TextEngine):
                 raise InvalidRequest("messages must not be empty", param="messages")
         elif isinstance(job, CompletionJob) and not job.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        return {
+            "backend": f"gpt4all ({self._gpt.backend})",
+            "device": self._gpt.device or "cpu",
+            "gpu_layers": self.config.gpu_layers if self.config.device.type != "cpu" else 0,
+            "context_size": self.context_size,
+        }
 
     def close(self) -> None:
         self._session = _Session()

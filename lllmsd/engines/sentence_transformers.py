@@ -37,6 +37,27 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 MIN_CHUNK = 32
 
 
+def torch_device(config: SentenceTransformersModelConfig) -> str | None:
+    """The torch device string: cpu, cuda:INDEX, mps; None for auto (sentence-transformers picks cuda, mps
+    or cpu, whichever torch can use)."""
+    kind = config.device.type
+    if kind == "auto":
+        return None
+    return f"cuda:{config.device.index}" if kind == "cuda" else kind
+
+
+def onnx_providers(config: SentenceTransformersModelConfig) -> list[str]:
+    """The onnxruntime execution providers to ask for, in order; checked against the installed build at load."""
+    if config.providers is not None:
+        return list(config.providers)
+    return {
+        "cpu": ["CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "mps": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+        "auto": ["CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider"],
+    }[config.device.type]
+
+
 class SentenceTransformersEngine(EmbeddingEngine):
     name = "sentence-transformers"
     features = frozenset({Feature.TOKEN_INPUT})  # token ids are decoded with the model's own tokenizer
@@ -46,9 +67,15 @@ class SentenceTransformersEngine(EmbeddingEngine):
         folder = model_folder(files)
         runner: _TorchRunner | _OnnxRunner
         if config.backend == "onnx":
-            runner = _OnnxRunner(folder, config.file_name, config.device.threads)
+            runner = _OnnxRunner(
+                folder,
+                config.file_name,
+                config.device.threads,
+                onnx_providers(config),
+                auto=config.device.type == "auto" and config.providers is None,
+            )
         else:
-            runner = _TorchRunner(folder, config.device.threads)
+            runner = _TorchRunner(folder, config.device.threads, torch_device(config), config.dtype)
         self._runner = runner
         self.dimension = runner.dimension
         self.max_seq_length = runner.max_seq_length
@@ -67,6 +94,25 @@ class SentenceTransformersEngine(EmbeddingEngine):
             self.dimension,
             self.max_seq_length,
         )
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        return self._runner.placement()
+
+    @classmethod
+    def config_warnings(cls, config: SentenceTransformersModelConfig) -> list[tuple[str, str]]:
+        if config.device.type != "cuda":
+            return []
+        if config.backend == "onnx":
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return [("device", "cuda asked, but this onnxruntime has no CUDAExecutionProvider: loading will fail")]
+            return []
+        import torch
+
+        if not torch.cuda.is_available():
+            return [("device", "cuda asked, but torch sees no CUDA device here: loading will fail (503)")]
+        return []
 
     def close(self) -> None:
         self._runner.close()
@@ -129,7 +175,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
 class _TorchRunner:
     """The folder on sentence-transformers and torch."""
 
-    def __init__(self, folder: Path, threads: int | None) -> None:
+    def __init__(self, folder: Path, threads: int | None, device: str | None, dtype: str) -> None:
         try:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -142,9 +188,17 @@ class _TorchRunner:
             # torch's intra-op pool is process-wide: this also sets it for other torch models in the daemon
             torch.set_num_threads(threads)
         try:
-            self.model = SentenceTransformer(str(folder), device="cpu", local_files_only=True, backend="torch")
+            self.model = SentenceTransformer(
+                str(folder),
+                device=device,
+                local_files_only=True,
+                backend="torch",
+                model_kwargs={"dtype": getattr(torch, dtype)},
+            )
         except OSError as exc:
             raise ModelUnavailable(f"cannot load the sentence-transformers folder {folder}: {exc}") from exc
+        except (RuntimeError, AssertionError) as exc:  # "Torch not compiled with CUDA enabled", no such GPU
+            raise ModelUnavailable(f"sentence-transformers cannot use device {device!r}: {exc}") from exc
         self.dimension = int(self.model.get_embedding_dimension() or 0)
         self.max_seq_length = int(self.model.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
         self._torch = torch
@@ -163,6 +217,10 @@ class _TorchRunner:
                 texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
             ).astype(np.float32, copy=False)
 
+    def placement(self) -> dict[str, Any]:
+        weights = next(self.model.parameters())
+        return {"backend": "torch", "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
+
     def close(self) -> None:
         del self.model
 
@@ -170,7 +228,9 @@ class _TorchRunner:
 class _OnnxRunner:
     """An ONNX export of the transformer on onnxruntime; pooling and normalisation done here."""
 
-    def __init__(self, folder: Path, file_name: str | None, threads: int | None) -> None:
+    def __init__(
+        self, folder: Path, file_name: str | None, threads: int | None, providers: list[str], *, auto: bool
+    ) -> None:
         try:
             import onnxruntime
             from tokenizers import Tokenizer
@@ -188,9 +248,15 @@ class _OnnxRunner:
         options.inter_op_num_threads = 1
         # idle onnxruntime threads spin by default, taking the CPU the event loop needs between batches
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(
-            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        available = onnxruntime.get_available_providers()
+        usable = [p for p in providers if p in available]
+        if not usable or (not auto and providers[0] not in available):
+            # the device asked for is not there (onnxruntime would fall back to the CPU without a word)
+            raise ModelUnavailable(
+                f"this onnxruntime build offers {', '.join(available)}, not {providers[0]} (a GPU needs the "
+                "onnxruntime-gpu package: see docs/accelerators.md)"
+            )
+        self.session = onnxruntime.InferenceSession(str(model_file), sess_options=options, providers=usable)
         self._inputs = {i.name for i in self.session.get_inputs()}
         self.max_seq_length = _max_seq_length(folder)
         self.pooling, pooled_dimension = _pooling(folder)
@@ -224,6 +290,11 @@ class _OnnxRunner:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.where(norms == 0, 1, norms)
         return vectors.astype(np.float32, copy=False)
+
+    def placement(self) -> dict[str, Any]:
+        providers = self.session.get_providers()
+        device = "cuda" if "CUDAExecutionProvider" in providers[:1] else "cpu"
+        return {"backend": "onnxruntime", "device": device, "providers": providers}
 
     def close(self) -> None:
         del self.session

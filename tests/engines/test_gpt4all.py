@@ -29,6 +29,7 @@ from lllmsd.core.jobs import (
     Usage,
     collect_generation,
 )
+from lllmsd.engines.base import ModelFiles
 from lllmsd.engines.gpt4all import Gpt4AllEngine
 from lllmsd.engines.gpt4all_templates import CHATML, LLAMA3, detect_format, format_from_config, read_gguf_info
 from lllmsd.errors import ContextLengthExceeded, ModelUnavailable, UnsupportedParameter
@@ -379,3 +380,20 @@ def test_chatml_rendering_is_incremental() -> None:
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
         "<|im_start|>assistant\nParis.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+@on_model
+async def test_device_and_gpu_layers_reach_gpt4all(instance: ModelInstance) -> None:
+    engine = engine_of(instance)
+    # device cpu: gpt4all's kompute backend with no GPU device, and no layer offloaded whatever gpu_layers says
+    assert engine._gpt.model.ngl == 0
+    assert engine._gpt.device is None
+    assert engine.placement()["device"] == "cpu"
+    assert engine.placement()["backend"] == f"gpt4all ({engine._gpt.backend})"
+
+
+def test_a_gpu_device_without_a_gpu_is_a_clear_load_error() -> None:
+    config = model_config(gpt4all_model(device="gpu", gpu_layers=8))
+    assert (config.device.type, config.gpu_layers) == ("gpu", 8)
+    with pytest.raises(ModelUnavailable, match="gpt4all cannot use device 'gpu'"):
+        Gpt4AllEngine(config, ModelFiles(model_path("smollm2-gpt4all")))

@@ -457,6 +457,20 @@ class InstanceStatus(_Body):
     error: str | None
     isolation: Literal["process", "thread"] = Field(description="Where the engine runs.")
     worker: WorkerStatus | None = Field(description="The worker process (isolation: process), while it lives.")
+    placement: dict[str, Any] | None = Field(
+        description="Where the engine runs and what it holds, as its library reports it once loaded: backend, "
+        "device, layers offloaded of the total, context size, KV cache types, buffers and device memory (llama.cpp), "
+        "compute type (CTranslate2), dtype or execution providers (sentence-transformers); `notes` says what it "
+        "could not honour (offload asked of a build without a GPU backend)."
+    )
+    memory_estimate_bytes: int | None = Field(
+        description="What the memory budget holds for this instance (null before its estimate is known)."
+    )
+    memory_estimate_source: Literal["declared", "estimated", "measured", "files"] | None = Field(
+        description="Where that figure comes from: the config's memory_estimate, the engine's estimate (GGUF "
+        "metadata), the measured memory of the model's first instance, or the weights' size on disk."
+    )
+    waiting_for_memory: bool = Field(description="A loading instance waiting for room in the memory budget.")
 
 
 class PoolStatus(_Body):
@@ -485,6 +499,22 @@ class Concurrency(_Body):
     in_use: int
 
 
+class Eviction(_Body):
+    instance: str
+    model: str
+    bytes: int = Field(description="What it held in the budget.")
+    for_: str = Field(alias="for", description="The instance whose load needed the room.")
+    at: int = Field(description="Unix time.")
+
+
+class Memory(_Body):
+    budget_bytes: int = Field(description="memory_budget in bytes.")
+    used_bytes: int = Field(description="The estimates of every instance loaded, loading or being disposed.")
+    loads_waiting: int = Field(description="Instance loads waiting for room.")
+    evictions: int = Field(description="Idle instances disposed to make room, since start.")
+    recent_evictions: list[Eviction]
+
+
 class Status(_Body):
     """What the daemon is doing: every model's instances and queue, downloads, uptime."""
 
@@ -492,6 +522,7 @@ class Status(_Body):
     version: str
     uptime_seconds: float
     concurrency: Concurrency
+    memory: Memory = Field(description="The memory budget shared by every model (see docs/accelerators.md).")
     models: dict[str, ModelStatus]
     retiring: list[RetiringStatus]
     downloads: list[dict[str, Any]] = Field(description="Downloads under way or failed, per file.")

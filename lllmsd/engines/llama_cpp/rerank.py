@@ -17,6 +17,7 @@ on the first token of each sequence and gives one value per sequence. Choices ma
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import llama_cpp
 
@@ -24,7 +25,8 @@ from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import RerankJob, RerankResult
 from lllmsd.engines.base import ModelFiles, RerankEngine
 from lllmsd.engines.llama_cpp.embedding import pack
-from lllmsd.engines.llama_cpp.model import load_llama
+from lllmsd.engines.llama_cpp.memory import gguf_estimate
+from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama
 from lllmsd.errors import InvalidRequest, ModelUnavailable
 
 
@@ -34,7 +36,9 @@ class LlamaCppRerankEngine(RerankEngine):
 
     def __init__(self, config: LlamaCppModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
-        self._llama = load_llama(config, files, embedding=True, pooling=llama_cpp.LLAMA_POOLING_TYPE_RANK)
+        self._llama, self._placement = load_llama(
+            config, files, embedding=True, pooling=llama_cpp.LLAMA_POOLING_TYPE_RANK
+        )
         model = self._llama.model
         if llama_cpp.llama_pooling_type(self._llama.ctx) != llama_cpp.LLAMA_POOLING_TYPE_RANK:
             self.close()
@@ -49,6 +53,17 @@ class LlamaCppRerankEngine(RerankEngine):
         self._open = self._special(vocab, bos=True)
         self._middle = self._special(vocab, eos=True, sep=True)
         self._close = self._special(vocab, eos=True) or self._special(vocab, sep=True)
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        return self._placement
+
+    @classmethod
+    def config_warnings(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
+        return gpu_warnings(config)
+
+    @classmethod
+    def estimate_memory(cls, config: LlamaCppModelConfig, files: ModelFiles) -> int | None:
+        return gguf_estimate(config, files, embedding=True).total
 
     @staticmethod
     def _special(

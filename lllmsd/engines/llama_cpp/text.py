@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, GenerationEvent, Job, Preload, Sampling
@@ -32,7 +33,8 @@ from lllmsd.engines.base import ModelFiles, TextEngine
 from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
 from lllmsd.engines.llama_cpp.generate import ChatText, ToolRun, best_of, generate
 from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_argument_rules
-from lllmsd.engines.llama_cpp.model import load_llama, tokenize
+from lllmsd.engines.llama_cpp.memory import gguf_estimate
+from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
 from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
 from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
@@ -62,10 +64,21 @@ class LlamaCppTextEngine(TextEngine):
 
     def __init__(self, config: LlamaCppModelConfig, files: ModelFiles) -> None:
         super().__init__(config, files)
-        self._llama = load_llama(config, files, embedding=False)
+        self._llama, self._placement = load_llama(config, files, embedding=False)
         self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
         self._decoder = Decoder(self._llama, self._prompt.tools.shown_markers)
         self.context_size = self._decoder.context_size
+
+    def placement(self, _: object = None) -> dict[str, Any]:
+        return self._placement
+
+    @classmethod
+    def config_warnings(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
+        return gpu_warnings(config)
+
+    @classmethod
+    def estimate_memory(cls, config: LlamaCppModelConfig, files: ModelFiles) -> int | None:
+        return gguf_estimate(config, files, embedding=False).total
 
     def close(self) -> None:
         llama, self._llama = self._llama, None
