@@ -9,7 +9,8 @@ A handler validates its wire body, then calls ``runtime.admit(model_id, kind, bu
 3. builds the job with the model's config (``build``: the wire schema's converter, which applies the
    model's defaults and limits);
 4. refuses every feature the job uses that the engine class does not declare (``UnsupportedParameter``,
-   400 naming the request parameter), then lets the engine check what only it can judge (``check_job``);
+   400 naming the request parameter), then lets the engine check what only it can judge (``check_job``,
+   which may hand back the job with what it built for it, a grammar, so that it is built once);
 5. returns the job and the pool to send it to.
 
 All of it happens before the request queues, so a request that cannot be served is refused at once,
@@ -75,10 +76,10 @@ async def admit(
     if engine.heavy_check(config, job):
         # turning a JSON Schema or grammar into the engine's form can take a while on a large one:
         # off the event loop, so other requests are not held up meanwhile
-        await asyncio.to_thread(engine.check_job, config, job)
+        checked = await asyncio.to_thread(engine.check_job, config, job)
     else:
-        engine.check_job(config, job)
-    return Admission(job, pool)
+        checked = engine.check_job(config, job)
+    return Admission(checked or job, pool)  # the engine's own job, if it built something for it
 
 
 def serves(config: Any, engine: type[Engine], kind: JobKind) -> bool:

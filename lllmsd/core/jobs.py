@@ -134,6 +134,19 @@ class ResponseFormat:
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledGrammars:
+    """What an engine's ``check_job`` built from a job's grammar, JSON Schemas and tools (llama-cpp: GBNF
+    text), carried with the job to its instance so that generation does not build it again: each schema
+    of a request is converted once. ``None`` where the job asks for none."""
+
+    output: str | None = None  # the grammar every answer follows (grammar, response_format)
+    output_param: str | None = None  # the request parameter it came from, named by an error about it
+    # the GBNF rule of each tool a call may use (by its schema) and the rules' text: the call syntax around
+    # them is the model family's, which the engine knows once the model is loaded
+    tool_arguments: tuple[tuple[str, ...], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Sampling:
     """Sampling parameters. ``None`` means "the engine's OpenAI-compatible default"."""
 
@@ -202,6 +215,7 @@ class ChatJob:
     # (low | medium | high), which templates that take it read as ``reasoning_effort``.
     template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    compiled: CompiledGrammars | None = None  # set by the engine's check_job (admission), if it builds any
 
     def context(self) -> Context:
         return Context.of_messages(self.messages)
@@ -241,6 +255,7 @@ class CompletionJob:
     suffix: str | None = None
     logprobs: int | None = None
     grammar: str | None = None
+    compiled: CompiledGrammars | None = None  # set by the engine's check_job (admission), if it builds any
 
     def context(self) -> Context:
         return Context.of_text(self.prompt)

@@ -14,7 +14,8 @@ What an engine can do is declared once, on its class, and everything else reads 
 - ``config_problems``: what only this engine can judge about a model's options, at config load.
 - ``check_job``: what only this engine can judge about one job (a grammar that does not compile, a
   language it does not know). It runs before the request queues: no weights, and cheap, or else
-  ``heavy_check`` says so for that job and admission runs it off the event loop.
+  ``heavy_check`` says so for that job and admission runs it off the event loop. It may return the job
+  with what it built on the way (``compiled`` grammars), which is then the job that runs.
 
 Threading rule: every method of one engine object, the constructor included, is called from that
 instance's own worker thread, one call at a time. An engine therefore needs no locks of its own; it must
@@ -102,9 +103,11 @@ class Engine:
         return []
 
     @classmethod
-    def check_job(cls, config: ModelBase, job: Job) -> None:
+    def check_job(cls, config: ModelBase, job: Job) -> Job | None:
         """Raise UnsupportedParameter / InvalidRequest for what this engine cannot honour beyond its
-        declared features. Called on the event loop before the request queues: cheap, no weights."""
+        declared features. Called on the event loop before the request queues: cheap, no weights. May
+        return the job to run instead, carrying what the check built (so it is not built twice)."""
+        return None
 
     @classmethod
     def heavy_check(cls, config: ModelBase, job: Job) -> bool:

@@ -19,25 +19,34 @@ Agent frameworks write such bounds routinely.
   properties again for every starting property (900 optional properties: 4 s); here each is built once,
   in the same order, so the grammar is the same text.
 
-The library's ``visit`` and ``_visit_pattern`` call the module-level ``_build_repetition``; this class
-runs the library's functions with that one name bound to ``bounded_repetition`` instead
-(``tests/unit/test_llama_bounds.py`` fails if a new llama-cpp-python stops using it).
+- **Patterns are read as the ECMA 262 regexes JSON Schema means** (pattern.py): escapes such as ``\\d``
+  and ``\\.``, and unanchored patterns, which the library's ``_visit_pattern`` copies into GBNF that
+  llama.cpp refuses (or asserts on).
+
+The library's ``visit`` calls the module-level ``_build_repetition``; this class runs the library's
+function with that one name bound to ``bounded_repetition`` instead (``tests/unit/test_llama_bounds.py``
+fails if a new llama-cpp-python stops using it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import types
 from collections.abc import Callable
 from typing import Any
 
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, SchemaConverter
 
+from lllmsd.engines.llama_cpp.pattern import pattern_gbnf
+
 REPEAT_CAP = 100_000  # the largest count a schema's length, item or pattern bound may give
 # llama.cpp refuses a repetition of a group when the rules the group brings (itself, groups in it, and
 # each rule name first seen inside it) times the count exceed 2,000 (MAX_REPETITION_THRESHOLD). The
 # groups written here bring at most 4 (an array's ("," space item), a block of them): 4 x 500 fits.
 REPEAT_BLOCK = 500
+_RULE_NAME_JUNK = re.compile(r"[^a-zA-Z0-9-]+")
+_VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # JSON values in a schema, not subschemas
 
 
 class RepetitionBoundError(ValueError):
@@ -119,10 +128,59 @@ def _with_bounded_repetition(function: Callable[..., Any]) -> Callable[..., Any]
 
 class BoundedSchemaConverter(SchemaConverter):
     visit = _with_bounded_repetition(SchemaConverter.visit)
-    _visit_pattern = _with_bounded_repetition(SchemaConverter._visit_pattern)
 
     def __init__(self) -> None:
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self.patterns: dict[str, str] = {}  # pattern -> its GBNF, when the caller read it already
+
+    def _visit_pattern(self, pattern: str, name: str) -> str:
+        body = self.patterns.get(pattern)
+        if body is None:
+            body = self.patterns[pattern] = pattern_gbnf(pattern, bounded_repetition)
+        return self._add_rule(name, f'"\\"" {body} "\\"" space')
+
+    def resolve_refs(self, schema: dict[str, Any], url: str) -> dict[str, Any]:
+        """Prefix every local ``$ref`` of ``schema`` with ``url`` (in place: give it a copy) and note its
+        target. The library's method stops at a node with a ``$ref``, so a schema whose root is a ``$ref``
+        (pydantic's recursive models) kept the references in its ``$defs`` unresolved; and it fetches
+        remote references, which are refused here (only local ones: api and grammar.py say so first)."""
+
+        def visit(node: Any) -> None:
+            if isinstance(node, list):
+                for item in node:
+                    visit(item)
+                return
+            if not isinstance(node, dict):
+                return
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith(f"{url}#"):  # a dict met twice is done already
+                if not ref.startswith("#"):
+                    raise ValueError(f"only local references are supported, not {ref[:100]!r}")
+                target: Any = schema
+                for escaped in ref[1:].split("/")[1:]:
+                    part = escaped.replace("~1", "/").replace("~0", "~")  # JSON Pointer escapes
+                    if not isinstance(target, dict) or part not in target:
+                        raise ValueError(f"the reference {ref[:100]!r} points at nothing in the schema")
+                    target = target[part]
+                node["$ref"] = f"{url}{ref}"
+                self._refs[node["$ref"]] = target
+            for key, value in node.items():
+                if key not in _VALUE_KEYWORDS:
+                    visit(value)
+
+        visit(schema)
+        return schema
+
+    def _resolve_ref(self, ref: str) -> str:
+        # The library names a definition's rule by the reference's last part alone, so two tools that both
+        # define a different "Role" would share the first one's rule; here the whole reference names it
+        # (``tool0#/$defs/Role``: ``tool0-defs-Role``). Otherwise the library's method.
+        ref_name = _RULE_NAME_JUNK.sub("-", ref.replace("#/", "-").replace("$", "")).strip("-")
+        if ref_name not in self._rules and ref not in self._refs_being_resolved:
+            self._refs_being_resolved.add(ref)
+            ref_name = self.visit(self._refs[ref], ref_name)
+            self._refs_being_resolved.remove(ref)
+        return ref_name
 
     def _build_object_rule(
         self,

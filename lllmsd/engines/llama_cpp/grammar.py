@@ -15,13 +15,15 @@ Choices made here, and why:
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import ChatJob, ToolSpec
-from lllmsd.engines.llama_cpp.converter import BoundedSchemaConverter
+from lllmsd.engines.llama_cpp.converter import BoundedSchemaConverter, bounded_repetition
 from lllmsd.engines.llama_cpp.gbnf import check_gbnf
+from lllmsd.engines.llama_cpp.pattern import PatternError, pattern_gbnf
 from lllmsd.errors import InvalidRequest, UnsupportedParameter
 
 ENGINE = "llama-cpp"
@@ -32,12 +34,10 @@ SCHEMA_ERRORS = (ValueError, KeyError, TypeError, AssertionError, AttributeError
 
 
 def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
-    """GBNF for a JSON Schema; a schema the converter cannot express is a 400 naming ``param``."""
+    """GBNF for a JSON Schema; a schema the converter cannot express is a 400 naming ``param`` (or the path
+    below it of the part it cannot express). ``schema`` itself is not changed."""
     converter = BoundedSchemaConverter()
-    try:
-        converter.visit(converter.resolve_refs(schema, "schema"), "")
-    except SCHEMA_ERRORS as exc:
-        raise _schema_error(param, exc) from None
+    _convert(converter, schema, param, "schema", "")
     return converter.format_grammar()
 
 
@@ -48,11 +48,68 @@ def tool_argument_rules(tools: tuple[ToolSpec, ...]) -> tuple[list[str], str]:
     rules = []
     for i, tool in enumerate(tools):
         schema = tool.parameters or {"type": "object"}
-        try:
-            rules.append(converter.visit(converter.resolve_refs(schema, f"tool{i}"), f"tool{i}-args"))
-        except SCHEMA_ERRORS as exc:
-            raise _schema_error(f"tools[{i}].function.parameters", exc) from None
+        rules.append(_convert(converter, schema, f"tools[{i}].function.parameters", f"tool{i}", f"tool{i}-args"))
     return rules, converter.format_grammar()
+
+
+def _convert(converter: BoundedSchemaConverter, schema: dict[str, Any], param: str, url: str, name: str) -> str:
+    """Add the rules of one schema to ``converter``; the name of its rule.
+
+    The library's ``resolve_refs`` rewrites every local ``$ref`` in place (``#/$defs/A`` becomes
+    ``tool0#/$defs/A``), and a second conversion of the same dict then fails on the rewritten reference:
+    it converts a copy, so the job's schema stays as the client sent it."""
+    converter.patterns.update(check_schema_parts(schema, param))
+    try:
+        return converter.visit(converter.resolve_refs(copy.deepcopy(schema), url), name)
+    except SCHEMA_ERRORS as exc:
+        raise _schema_error(param, exc) from None
+
+
+_NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})  # values, not subschemas
+
+
+def check_schema_parts(schema: Any, param: str) -> dict[str, str]:
+    """Refuse, naming its path (``param.properties.code.pattern``), a part of a schema that no grammar can
+    express: a pattern the regex reader cannot turn into GBNF (pattern.py), a ``$ref`` that is not a local
+    reference to a part of the same schema. Walks the schema once; the API bounded its size and depth.
+    Returns each pattern's GBNF, for the converter to reuse."""
+    patterns: dict[str, str] = {}
+    stack: list[tuple[Any, str]] = [(schema, param)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, f"{path}[{index}]") for index, item in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and pattern not in patterns:
+            try:
+                patterns[pattern] = pattern_gbnf(pattern, bounded_repetition)
+            except PatternError as exc:
+                raise _part_error(f"{path}.pattern", f"cannot turn the pattern into a grammar: {exc}") from None
+        ref = node.get("$ref")
+        if ref is not None and not isinstance(ref, dict) and not _resolves(schema, ref):
+            raise _part_error(
+                f"{path}.$ref", f"{str(ref)[:100]!r} is not a local reference (#/$defs/...) to a part of this schema"
+            )
+        stack.extend((value, f"{path}.{key}") for key, value in node.items() if key not in _NOT_SCHEMAS)
+    return patterns
+
+
+def _resolves(root: Any, ref: Any) -> bool:
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return False
+    target = root
+    for part in ref[1:].split("/")[1:] if ref != "#" else ():
+        if not isinstance(target, dict) or part not in target:
+            return False
+        target = target[part]
+    return isinstance(target, dict)
+
+
+def _part_error(path: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"{path}: {message}", param=path, code="invalid_value")
 
 
 def _schema_error(param: str, exc: BaseException) -> InvalidRequest:

@@ -52,6 +52,7 @@ class Plan:
     max_tokens: int | None
     stops: tuple[str, ...] = ()
     grammar: str | None = None
+    grammar_param: str = "grammar"  # the request parameter the grammar came from, for an error about it
     top_logprobs: int | None = None  # None: no logprobs
     text_offset: int = 0
 
@@ -176,7 +177,7 @@ class Decoder:
             chain.add_logit_bias(self.n_vocab, self._logit_bias(s.logit_bias))
         self._add_penalties(chain, s, prompt)
         if plan.grammar is not None:
-            self._add_grammar(chain, plan.grammar)
+            self._add_grammar(chain, plan.grammar, plan.grammar_param)
         temperature = 1.0 if s.temperature is None else s.temperature
         if temperature <= 0:
             chain.add_greedy()
@@ -226,14 +227,14 @@ class Decoder:
                     f"grammar: {token[:60]} is not one token of this model", param="grammar", code="invalid_value"
                 )
 
-    def _add_grammar(self, chain: internals.LlamaSampler, grammar: str) -> None:
+    def _add_grammar(self, chain: internals.LlamaSampler, grammar: str, param: str) -> None:
         # Built here rather than with LlamaSampler.add_grammar: llama.cpp returns NULL for a grammar it
         # cannot parse, and adding NULL to a chain would crash the process.
         # Every grammar here was bounded first (gbnf.py, or the JSON Schema limits), so llama.cpp's parser
         # neither recurses too deep nor expands too much; one it still refuses is a 400.
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
-            raise InvalidRequest("grammar: llama.cpp could not use this grammar", param="grammar", code="invalid_value")
+            raise InvalidRequest(f"{param}: llama.cpp could not use its grammar", param=param, code="invalid_value")
         llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
 
     def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:

@@ -13,7 +13,8 @@ made here, and why:
 - An empty completion prompt still starts from BOS (or EOS for models without one): sampling needs a
   position to sample after.
 - ``check_job`` compiles what the request brings (named grammars, JSON Schemas, tool schemas) before
-  the request queues, so a schema the converter cannot express is a 400 at once, not after the wait.
+  the request queues, so a schema the converter cannot express is a 400 at once, not after the wait;
+  the grammars travel with the job (``compiled``), so each schema is converted once per request.
   That can take up to ~0.2 s for the largest schemas the API admits, so admission runs it off the event
   loop for jobs that carry schemas or grammars (``heavy_check`` says which, for this engine).
 - ``repeat_last_n`` may be at most the context (the penalty sampler allocates that many slots): a 400
@@ -28,11 +29,27 @@ from dataclasses import replace
 from typing import Any
 
 from lllmsd.config import LlamaCppModelConfig
-from lllmsd.core.jobs import ChatJob, CompletionJob, Feature, GenerationEvent, Job, Preload, Sampling
+from lllmsd.core.jobs import (
+    ChatJob,
+    CompiledGrammars,
+    CompletionJob,
+    Feature,
+    GenerationEvent,
+    Job,
+    Preload,
+    Sampling,
+    ToolSpec,
+)
 from lllmsd.engines.base import ModelFiles, TextEngine
 from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
 from lllmsd.engines.llama_cpp.generate import ChatText, ToolRun, best_of, generate
-from lllmsd.engines.llama_cpp.grammar import ENGINE, resolve_grammar, response_grammar, tool_argument_rules
+from lllmsd.engines.llama_cpp.grammar import (
+    ENGINE,
+    check_schema_parts,
+    resolve_grammar,
+    response_grammar,
+    tool_argument_rules,
+)
 from lllmsd.engines.llama_cpp.memory import gguf_estimate
 from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
@@ -98,15 +115,18 @@ class LlamaCppTextEngine(TextEngine):
         return problems
 
     @classmethod
-    def check_job(cls, config: LlamaCppModelConfig, job: Job) -> None:
-        if isinstance(job, ChatJob):
-            cls._check_chat(config, job)
-        elif isinstance(job, CompletionJob):
-            resolve_grammar(config, job.grammar)
-            if job.best_of is not None and job.best_of < job.n:
-                raise InvalidRequest("best_of must be >= n", param="best_of", code="invalid_value")
+    def check_job(cls, config: LlamaCppModelConfig, job: Job) -> Job | None:
+        """The job with its grammars built (``compiled``), so that generation does not convert its schemas
+        again; a 400 for what cannot be served."""
         if isinstance(job, ChatJob | CompletionJob) and config.context_size is not None:
             _check_repeat_last_n(job.sampling, config.context_size)
+        if isinstance(job, ChatJob):
+            return replace(job, compiled=cls._compile_chat(config, job))
+        if isinstance(job, CompletionJob):
+            if job.best_of is not None and job.best_of < job.n:
+                raise InvalidRequest("best_of must be >= n", param="best_of", code="invalid_value")
+            return replace(job, compiled=CompiledGrammars(resolve_grammar(config, job.grammar), "grammar"))
+        return None
 
     @classmethod
     def heavy_check(cls, config: LlamaCppModelConfig, job: Job) -> bool:
@@ -119,17 +139,31 @@ class LlamaCppTextEngine(TextEngine):
         return isinstance(job, CompletionJob) and job.grammar is not None
 
     @classmethod
-    def _check_chat(cls, config: LlamaCppModelConfig, job: ChatJob) -> None:
-        grammar = resolve_grammar(config, job.grammar)
-        json_grammar = response_grammar(job)  # a schema it cannot convert is a 400 naming it
-        if job.tools and job.tool_choice != "none":
-            tool_argument_rules(job.tools)  # a schema the converter cannot express is a 400 naming it
-        if grammar is not None and json_grammar is not None:
+    def _compile_chat(cls, config: LlamaCppModelConfig, job: ChatJob) -> CompiledGrammars:
+        """The grammars of a chat job, each schema converted once: its answers' (grammar or response_format)
+        and the argument rules of the tools ``tool_choice`` allows (the call syntax around them is the model
+        family's, known once the model is loaded: tools/call_grammar.py)."""
+        use_tools = bool(job.tools) and job.tool_choice != "none"
+        if job.grammar is not None and job.response_format is not None and job.response_format.type != "text":
             raise UnsupportedParameter("grammar", ENGINE, "give grammar or a JSON response_format, not both")
-        if job.tools and job.tool_choice != "none" and (grammar is not None or json_grammar is not None):
+        output, param = resolve_grammar(config, job.grammar), "grammar"
+        if output is None:
+            output, param = response_grammar(job), "response_format"  # a schema it cannot convert: a 400 naming it
+        if use_tools and output is not None:
             raise UnsupportedParameter(
                 "tools", ENGINE, "tool calls cannot be combined with grammar or a JSON response_format"
             )
+        arguments = None
+        if use_tools:
+            chosen = _chosen_tools(job)
+            for index, tool in enumerate(job.tools):  # every tool's schema, named by its place in the request
+                if tool not in chosen:
+                    check_schema_parts(tool.parameters or {}, f"tools[{index}].function.parameters")
+            rules, text = tool_argument_rules(chosen)
+            arguments = (tuple(rules), text)
+        return CompiledGrammars(
+            output=output, output_param=param if output is not None else None, tool_arguments=arguments
+        )
 
     def _check_loaded(self, sampling: Sampling, grammar: str | None) -> None:
         """What only the loaded model can judge, before any prompt is evaluated."""
@@ -162,9 +196,10 @@ class LlamaCppTextEngine(TextEngine):
         return self._decoder.held_tokens
 
     def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        self._check_chat(self.config, job)  # as admission did, for callers that bypass it: the plan assumes it
+        # built at admission (check_job); built here for callers that bypass it: the plan assumes it
+        compiled = job.compiled or self._compile_chat(self.config, job)
         self._check_loaded(job.sampling, job.grammar)
-        use_tools = bool(job.tools) and job.tool_choice != "none"
+        use_tools = compiled.tool_arguments is not None
         rendered = self._prompt.render(
             job.messages,
             job.tools if use_tools else (),
@@ -178,10 +213,11 @@ class LlamaCppTextEngine(TextEngine):
             sampling=job.sampling,
             max_tokens=job.sampling.max_tokens,
             stops=(*job.sampling.stop, *rendered.stops),
-            grammar=resolve_grammar(self.config, job.grammar) or response_grammar(job),
+            grammar=compiled.output,
+            grammar_param=compiled.output_param or "grammar",
             top_logprobs=job.top_logprobs if job.logprobs else None,
         )
-        tools = self._tool_run(job, plan) if use_tools else None
+        tools = self._tool_run(job, plan, compiled) if use_tools else None
         chat = ChatText(
             split_reasoning=self._prompt.tools.thinks and self.config.reasoning == "separate",
             thinking=rendered.thinking,
@@ -189,20 +225,13 @@ class LlamaCppTextEngine(TextEngine):
         )
         yield from generate(self._decoder, prompt, plan, job.n, cancel, tools=tools, chat=chat)
 
-    def _tool_run(self, job: ChatJob, plan: Plan) -> ToolRun:
-        chosen = job.tools
-        if job.tool_choice not in (None, "auto", "required"):
-            chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
-            if not chosen:
-                raise InvalidRequest(
-                    f"tool_choice names an unknown function {job.tool_choice!r}",
-                    param="tool_choice",
-                    code="invalid_value",
-                )
+    def _tool_run(self, job: ChatJob, plan: Plan, compiled: CompiledGrammars) -> ToolRun:
+        chosen = _chosen_tools(job)
         syntax = self._prompt.tools.syntax
-        grammar = call_grammar(chosen, syntax, job.parallel_tool_calls)
+        arguments = compiled.tool_arguments
+        grammar = call_grammar(chosen, syntax, job.parallel_tool_calls, (list(arguments[0]), arguments[1]))
         return ToolRun(
-            plan=replace(plan, stops=(), top_logprobs=None, grammar=grammar),
+            plan=replace(plan, stops=(), top_logprobs=None, grammar=grammar, grammar_param="tools"),
             syntax=syntax,
             names=frozenset(t.name for t in chosen),
             parallel=job.parallel_tool_calls,
@@ -211,7 +240,8 @@ class LlamaCppTextEngine(TextEngine):
         )
 
     def complete(self, job: CompletionJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        self.check_job(self.config, job)  # as admission did, for callers that bypass it
+        if job.compiled is None:  # a caller that bypassed admission
+            job = self.check_job(self.config, job) or job
         self._check_loaded(job.sampling, job.grammar)
         prompt = self._completion_prompt(job)
         self._check_context(prompt, "prompt", job.sampling)
@@ -219,7 +249,7 @@ class LlamaCppTextEngine(TextEngine):
             sampling=job.sampling,
             max_tokens=job.sampling.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS,
             stops=job.sampling.stop,
-            grammar=resolve_grammar(self.config, job.grammar),
+            grammar=job.compiled.output if job.compiled else None,
             top_logprobs=job.logprobs,
             text_offset=len(job.prompt) if job.echo else 0,
         )
@@ -245,6 +275,18 @@ class LlamaCppTextEngine(TextEngine):
         """An empty prompt still needs one token to sample from: BOS, or EOS for models without one."""
         model = self._llama._model
         return model.token_bos() if model.token_bos() >= 0 else model.token_eos()
+
+
+def _chosen_tools(job: ChatJob) -> tuple[ToolSpec, ...]:
+    """The tools a call may use: all, or the one ``tool_choice`` names."""
+    if job.tool_choice in (None, "auto", "required", "none"):
+        return job.tools
+    chosen = tuple(t for t in job.tools if t.name == job.tool_choice)
+    if not chosen:
+        raise InvalidRequest(
+            f"tool_choice names an unknown function {job.tool_choice!r}", param="tool_choice", code="invalid_value"
+        )
+    return chosen
 
 
 def _check_repeat_last_n(sampling: Sampling, context_size: int) -> None:
