@@ -273,6 +273,13 @@ class ModelBase(_Section):
         ge=1,
         description="Rerank and embedding models: documents one rerank request may carry at most; more is a 400.",
     )
+    token_ids: Literal["openai", "model"] = Field(
+        "openai",
+        description="What token ids in a request mean (embedding inputs, completion prompts): `openai`, ids of "
+        "OpenAI's cl100k_base encoding as OpenAI clients send them (decoded to text, which the model reads "
+        "with its own tokenizer; see docs/clients.md); `model`, ids of this model's own vocabulary "
+        "(embeddings only).",
+    )
     # -- text models: what one request may carry (see docs/hardening.md); more is a 400 naming the limit
     max_messages: int = Field(2048, ge=1, description="Text models: chat messages one request may carry at most.")
     max_prompt_chars: int = Field(

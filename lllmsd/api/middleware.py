@@ -176,8 +176,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if len(body) > PARSE_IN_THREAD:
         # A 26 MB body takes about a second to parse and walk. json.loads holds the GIL while it runs (so
         # it still pauses the event loop, about 0.05 s a MB); the walk over what it built does not.
-        return await asyncio.to_thread(parse_json_object, body)
-    return parse_json_object(body)
+        data = await asyncio.to_thread(parse_json_object, body)
+    else:
+        data = parse_json_object(body)
+    model = data.get("model")
+    if isinstance(model, str):
+        request[MODEL] = model  # the access log names it even when validation refuses the body
+    return data
 
 
 PARSE_IN_THREAD = 1 << 20  # bytes

@@ -97,16 +97,51 @@ async def test_dimensions_give_unit_vectors_of_that_length(client: TestClient) -
     assert [d.embedding for d in short.data] == [d.embedding for d in short_b64.data]
 
 
-async def test_token_inputs(client: TestClient) -> None:
+# "a cat sat on the mat" and "hello world" in OpenAI's cl100k_base (what tiktoken gives)
+CAT_IDS = [64, 8415, 7731, 389, 279, 5634]
+HELLO_IDS = [15339, 1917]
+
+
+async def test_token_inputs_are_openai_ids_decoded_to_text(client: TestClient) -> None:
+    async with sdk(client) as api:
+        one = await api.embeddings.create(model="emb", input=CAT_IDS, encoding_format="float")
+        many = await api.embeddings.create(model="emb", input=[HELLO_IDS, CAT_IDS[:2]], encoding_format="float")
+    assert len(one.data) == 1  # one array of ids is one input
+    np.testing.assert_allclose(one.data[0].embedding, expected("a cat sat on the mat"), rtol=1e-6)
+    np.testing.assert_allclose(many.data[0].embedding, expected("hello world"), rtol=1e-6)
+    np.testing.assert_allclose(many.data[1].embedding, expected("a cat"), rtol=1e-6)
+    assert one.usage.prompt_tokens == 6  # the model's own count of the decoded text (the fake counts words)
+
+
+async def test_an_id_outside_cl100k_names_its_place(client: TestClient) -> None:
+    status, body = await post(client, {"model": "emb", "input": [[1, 2], [3, 100_300]]})
+    assert_error(status, body, 400, "input[1][1]", "cl100k_base", "token_ids: model")
+
+
+async def test_token_ids_model_reads_the_models_own_vocabulary(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"emb": embedding_model(token_ids="model")}))
     async with sdk(client) as api:
         one = await api.embeddings.create(model="emb", input=[101, 2023, 102], encoding_format="float")
         many = await api.embeddings.create(model="emb", input=[[1, 2], [3]], encoding_format="float")
-    assert len(one.data) == 1  # one array of ids is one input
     np.testing.assert_allclose(one.data[0].embedding, expected("101 2023 102"), rtol=1e-6)
     np.testing.assert_allclose(many.data[0].embedding, expected("1 2"), rtol=1e-6)
     np.testing.assert_allclose(many.data[1].embedding, expected("3"), rtol=1e-6)
     assert one.usage.prompt_tokens == 3
     assert many.usage.prompt_tokens == 3
+
+
+async def test_without_an_installed_encoding_token_ids_are_a_400_that_says_what_to_change(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from lllmsd.core import openai_tokens
+
+    monkeypatch.setattr(openai_tokens, "candidate_files", lambda: [tmp_path / "missing"])
+    openai_tokens.cl100k_decoder.cache_clear()
+    try:
+        status, body = await post(client, {"model": "emb", "input": CAT_IDS})
+    finally:
+        openai_tokens.cl100k_decoder.cache_clear()
+    assert_error(status, body, 400, "input", "check_embedding_ctx_length=False", "token_ids: model", "pip install")
 
 
 async def test_32_concurrent_requests_each_get_their_own_vectors_in_4_batches(start_app: AppFactory) -> None:

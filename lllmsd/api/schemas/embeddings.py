@@ -1,7 +1,9 @@
 """POST /v1/embeddings: the request, its conversion to an EmbeddingJob, and the response.
 
 ``input`` is a string, an array of strings, one array of token ids, or an array of token-id arrays
-(OpenAI's four forms). Token ids belong to the model's own tokenizer: the engine decodes them. Empty
+(OpenAI's four forms). Token ids are OpenAI's cl100k_base ids, as OpenAI clients mean them, decoded to
+text here (tokens.py); a model configured with ``token_ids: model`` reads them in its own vocabulary
+(the engine decodes them). Empty
 strings and empty arrays are refused, as OpenAI does. ``encoding_format: base64`` is the little-endian
 float32 bytes of each vector, base64-encoded; recent openai-python asks for it by default and decodes it.
 
@@ -23,6 +25,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lllmsd.api.schemas.common import WireRequest
+from lllmsd.api.schemas.tokens import decode_openai_ids, reads_openai_ids
 from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult
 from lllmsd.errors import InvalidRequest
 
@@ -119,8 +122,17 @@ class EmbeddingRequest(WireRequest):
             return (tuple(value),)  # type: ignore[arg-type] - one array of token ids is one input
         return tuple(item if isinstance(item, str) else tuple(item) for item in value)  # type: ignore[misc]
 
+    def has_token_ids(self) -> bool:
+        return any(not isinstance(item, str) for item in self.inputs())
+
     def to_job(self, config: Any) -> EmbeddingJob:
         inputs = self.inputs()
+        if reads_openai_ids(config):
+            one = len(inputs) == 1 and not isinstance(self.input, str) and _is_token(self.input[0])
+            inputs = tuple(
+                item if isinstance(item, str) else decode_openai_ids(item, "input" if one else f"input[{index}]")
+                for index, item in enumerate(inputs)
+            )
         limit = getattr(config, "max_inputs", None)
         if limit is not None and len(inputs) > limit:
             raise InvalidRequest(
