@@ -39,17 +39,17 @@ MAX_TOKEN_ID = 2**31 - 1
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-def _is_token(value: Any) -> bool:
+def is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_tokens(tokens: list[Any], where: str) -> None:
+def check_tokens(tokens: list[Any], where: str) -> None:
     if not tokens:
         raise ValueError(f"{where} is an empty array")
     if len(tokens) > MAX_INPUT_TOKENS:
         raise ValueError(f"{where} has {len(tokens)} token ids; an input may have at most {MAX_INPUT_TOKENS}")
     for position, token in enumerate(tokens):
-        if not _is_token(token):
+        if not is_token(token):
             raise ValueError(f"{where}[{position}] must be a token id (an integer), got {str(token)[:40]!r}")
         if token < 0:
             raise ValueError(f"{where}[{position}] is a negative token id ({str(token)[:40]})")
@@ -97,10 +97,10 @@ class EmbeddingRequest(WireRequest):
             if not all(isinstance(item, str) for item in value):
                 raise ValueError(f"must be {_FORMS}")
             _check_texts(value)
-        elif _is_token(value[0]):
-            if len(value) <= MAX_INPUT_TOKENS and not all(_is_token(item) for item in value):
+        elif is_token(value[0]):
+            if len(value) <= MAX_INPUT_TOKENS and not all(is_token(item) for item in value):
                 raise ValueError(f"must be {_FORMS}")
-            _check_tokens(value, "input")
+            check_tokens(value, "input")
         elif isinstance(value[0], list):
             total = 0
             for index, tokens in enumerate(value):
@@ -109,7 +109,7 @@ class EmbeddingRequest(WireRequest):
                 total += len(tokens)
                 if len(tokens) <= MAX_INPUT_TOKENS and total > MAX_REQUEST_TOKENS:  # a longer one: its own message
                     raise ValueError(f"the inputs have more than {MAX_REQUEST_TOKENS:,} token ids in all")
-                _check_tokens(tokens, f"input[{index}]")
+                check_tokens(tokens, f"input[{index}]")
         else:
             raise ValueError(f"must be {_FORMS}")
         return value
@@ -118,7 +118,7 @@ class EmbeddingRequest(WireRequest):
         value = self.input
         if isinstance(value, str):
             return (value,)
-        if value and _is_token(value[0]):
+        if value and is_token(value[0]):
             return (tuple(value),)  # type: ignore[arg-type] - one array of token ids is one input
         return tuple(item if isinstance(item, str) else tuple(item) for item in value)  # type: ignore[misc]
 
@@ -128,7 +128,7 @@ class EmbeddingRequest(WireRequest):
     def to_job(self, config: Any) -> EmbeddingJob:
         inputs = self.inputs()
         if reads_openai_ids(config):
-            one = len(inputs) == 1 and not isinstance(self.input, str) and _is_token(self.input[0])
+            one = len(inputs) == 1 and not isinstance(self.input, str) and is_token(self.input[0])
             inputs = tuple(
                 item if isinstance(item, str) else decode_openai_ids(item, "input" if one else f"input[{index}]")
                 for index, item in enumerate(inputs)

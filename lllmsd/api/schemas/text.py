@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lllmsd.api.schemas.common import WireRequest
+from lllmsd.api.schemas.embeddings import check_tokens, is_token
 from lllmsd.api.schemas.json_schema import SchemaBudget
 from lllmsd.api.schemas.messages import (
     MessageWire,
@@ -33,6 +34,7 @@ from lllmsd.api.schemas.messages import (
     ToolWire,
 )
 from lllmsd.api.schemas.rules import add_rules, array_branch, present, token_map, when
+from lllmsd.api.schemas.tokens import decode_openai_ids, reads_openai_ids
 from lllmsd.core.jobs import ChatJob, CompletionJob, ResponseFormat, Sampling, ToolSpec
 from lllmsd.errors import InvalidRequest
 
@@ -46,6 +48,8 @@ MAX_LOGIT_BIAS = 1_024  # entries; OpenAI takes 300
 MAX_GRAMMAR_CHARS = 65_536  # as the llama-cpp engine's own bound (engines/llama_cpp/gbnf.py)
 _TOKEN_ID = re.compile(r"[0-9]{1,9}")  # no vocabulary comes near a billion tokens
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_PROMPTS = 128  # prompts one completions request may batch (each generates n choices)
+_PROMPT_FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
 
 _STREAM_OPTIONS_NEED_STREAM = when(present("stream_options", {"type": "object"}), present("stream", {"const": True}))
 
@@ -243,19 +247,49 @@ class CompletionRequest(SamplingWire):
     )
 
     model: str
-    prompt: str | list[str] = Field(json_schema_extra=array_branch(min_items=1, max_items=1))
+    # one prompt, or a batch (OpenAI's four forms: a string, strings, token ids, token-id lists)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        json_schema_extra=array_branch(min_items=1, max_items=MAX_PROMPTS)
+    )
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("give one prompt (a string); batches of prompts are not supported")
+    def _prompts(cls, value: Any) -> Any:
+        """Sizes first, one clear message per mistake (pydantic's would list four failed union branches)."""
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("must not be an empty array")
+        if is_token(value[0]):
+            check_tokens(value, "prompt")
+            return value
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"has {len(value)} prompts; a request may have at most {MAX_PROMPTS}")
+        if isinstance(value[0], list):
+            for index, tokens in enumerate(value):
+                if not isinstance(tokens, list):
+                    raise ValueError(f"must be {_PROMPT_FORMS}")
+                check_tokens(tokens, f"prompt[{index}]")
+        elif not all(isinstance(item, str) for item in value):
+            raise ValueError(f"must be {_PROMPT_FORMS}")
         return value
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """The prompts of this request, each a text or token ids."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if is_token(value[0]):
+            return [tuple(value)]  # type: ignore[arg-type] - one array of token ids is one prompt
+        return [item if isinstance(item, str) else tuple(item) for item in value]  # type: ignore[misc]
+
+    def has_token_ids(self) -> bool:
+        return any(not isinstance(prompt, str) for prompt in self.prompts())
 
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
@@ -266,22 +300,47 @@ class CompletionRequest(SamplingWire):
         return self
 
     def to_job(self, config: Any) -> CompletionJob:
-        prompt_chars = sum(len(p) for p in ([self.prompt] if isinstance(self.prompt, str) else self.prompt))
-        _check_prompt_chars(config, "prompt", prompt_chars + len(self.suffix or ""))
+        """The job of the first (usually only) prompt."""
+        return self.to_jobs(config)[0]
+
+    def to_jobs(self, config: Any) -> list[CompletionJob]:
+        """One job per prompt, in order; each generates ``n`` choices (``best_of`` candidates) of its own."""
+        prompts = self.prompts()
+        texts = [
+            prompt if isinstance(prompt, str) else self._prompt_text(prompt, config, index, len(prompts))
+            for index, prompt in enumerate(prompts)
+        ]
+        prompt_chars = sum(len(text) for text in texts)
+        _check_prompt_chars(config, "prompt", prompt_chars + len(self.suffix or "") * len(texts))
         _check_max_tokens(config, "max_tokens", self.max_tokens)  # an explicit one: the default fits any context
         defaults = getattr(config, "completion_defaults", None)
         max_tokens = self.max_tokens or (defaults.max_tokens if defaults else None) or COMPLETIONS_DEFAULT_MAX_TOKENS
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return CompletionJob(
-            prompt=prompt,
-            sampling=self.sampling(max_tokens, defaults, requested=self.max_tokens is not None),
-            n=self.n,
-            best_of=self.best_of,
-            echo=self.echo,
-            suffix=self.suffix,
-            logprobs=self.logprobs,
-            grammar=self.resolve_grammar(config),
-        )
+        sampling = self.sampling(max_tokens, defaults, requested=self.max_tokens is not None)
+        grammar = self.resolve_grammar(config)
+        return [
+            CompletionJob(
+                prompt=text,
+                sampling=sampling,
+                n=self.n,
+                best_of=self.best_of,
+                echo=self.echo,
+                suffix=self.suffix,
+                logprobs=self.logprobs,
+                grammar=grammar,
+            )
+            for text in texts
+        ]
+
+    def _prompt_text(self, tokens: tuple[int, ...], config: Any, index: int, count: int) -> str:
+        param = "prompt" if count == 1 and is_token(self.prompt[0]) else f"prompt[{index}]"  # type: ignore[index]
+        if not reads_openai_ids(config):
+            raise InvalidRequest(
+                f"{param}: this model reads token ids in its own vocabulary (token_ids: model), which only "
+                "embeddings support; send the prompt as text",
+                param=param,
+                code="invalid_value",
+            )
+        return decode_openai_ids(tokens, param)
 
 
 # ------------------------------------------------------------------------------------- request limits
