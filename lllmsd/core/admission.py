@@ -91,11 +91,12 @@ def serves(config: Any, engine: type[Engine], kind: JobKind) -> bool:
     return through is not None and through in engine.serves and getattr(config, "rerank_by_cosine", False)
 
 
-def check_job(engine: type[Engine], config: Any, job: Job) -> None:
+def check_job(engine: type[Engine], config: Any, job: J) -> J:
     """Refuse what ``engine`` cannot honour in ``job``: every feature it does not declare, then its own
-    checks. What admission checks (on the calling thread: the engine contract tests use it)."""
+    checks; the job admission would run. What admission checks (on the calling thread: the engine
+    contract tests use it)."""
     refuse_undeclared_features(engine, job)
-    engine.check_job(config, job)
+    return engine.check_job(config, job) or job
 
 
 def refuse_undeclared_features(engine: type[Engine], job: Job) -> None:
