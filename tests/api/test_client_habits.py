@@ -11,7 +11,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import sse_data
+from tests.conftest import AppFactory, make_config, sdk, sse_data
 
 # "a cat sat on the mat" and "hello world" in OpenAI's cl100k_base (what tiktoken gives)
 CAT_IDS = [64, 8415, 7731, 389, 279, 5634]
@@ -156,3 +156,36 @@ async def test_a_request_refused_in_validation_is_logged_with_its_model(
     assert bad_model == 400
     assert "POST /v1/chat/completions model=chat status=400" in caplog.text
     assert "POST /v1/embeddings model=- status=400" in caplog.text  # not a string: not named
+
+
+# ----------------------------------------------------- schemas a grammar cannot express, at admission
+
+
+async def test_a_pattern_no_grammar_can_express_is_a_400_naming_its_path_before_any_load(
+    start_app: AppFactory,
+) -> None:
+    # the llama-cpp engine's check_job runs at admission, before the request queues: its weights are never
+    # loaded here (the location does not even exist), yet the answer names the pattern's schema path
+    model = {"task": "text-completion", "engine": "llama-cpp", "location": "/nonexistent/model.gguf"}
+    client = await start_app(make_config({"llama": model}))
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": r"(?=\d)\w+"}}}
+    async with sdk(client) as api:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await api.chat.completions.create(
+                model="llama",
+                messages=[{"role": "user", "content": "x"}],
+                response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+            )
+        error = caught.value.body
+        assert isinstance(error, dict)
+        assert error["param"] == "response_format.json_schema.schema.properties.code.pattern"
+        assert error["code"] == "invalid_value"
+        assert "lookahead" in error["message"]
+        # the same schema as a tool's parameters, offered with tool_choice auto
+        tools: Any = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        with pytest.raises(openai.BadRequestError) as caught:
+            await api.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], tools=tools)
+        assert caught.value.body["param"] == "tools[0].function.parameters.properties.code.pattern"  # type: ignore[index]
+    status = (await (await client.get("/")).json())["models"]["llama"]
+    assert status["state"] == "unloaded"  # nothing queued, nothing tried to load the missing file
+    assert status["last_error"] is None
