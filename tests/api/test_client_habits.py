@@ -95,6 +95,14 @@ async def test_one_bad_prompt_refuses_the_whole_batch_before_anything_runs(clien
     assert "at most 128" in body["error"]["message"]
 
 
+async def test_token_id_prompts_with_token_ids_model_are_refused(start_app: AppFactory) -> None:
+    client = await start_app(make_config({"chat": {"task": "text-completion", "engine": "fake", "token_ids": "model"}}))
+    status, body = await post(client, "/v1/completions", {"model": "chat", "prompt": [HELLO_IDS, CAT_IDS]})
+    assert status == 400
+    assert body["error"]["param"] == "prompt[0]"
+    assert "token_ids: model" in body["error"]["message"]
+
+
 async def test_raw_batch_stream_indexes_every_chunk(client: TestClient) -> None:
     response = await client.post("/v1/completions", json={"model": "chat", "prompt": ["p q", "r"], "stream": True})
     events = await sse_data(response)
