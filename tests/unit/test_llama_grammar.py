@@ -25,7 +25,7 @@ def test_a_tool_schema_the_converter_cannot_express_names_the_tool() -> None:
     tools = (ToolSpec("a"), ToolSpec("b", parameters={"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}))
     with pytest.raises(InvalidRequest) as error:
         tool_argument_rules(tools)
-    assert error.value.param == "tools[1].function.parameters"
+    assert error.value.param == "tools[1].function.parameters.properties.x.$ref"  # the part, by its path
 
 
 def test_json_schema_response_format_needs_a_schema() -> None:

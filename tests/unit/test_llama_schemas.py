@@ -16,7 +16,7 @@ from lllmsd.config import parse_config
 from lllmsd.core.jobs import ChatJob, ChatMessage, ResponseFormat, ToolSpec
 from lllmsd.engines.llama_cpp import grammar as grammar_module
 from lllmsd.engines.llama_cpp.converter import bounded_repetition
-from lllmsd.engines.llama_cpp.grammar import schema_grammar, tool_grammar
+from lllmsd.engines.llama_cpp.grammar import schema_grammar, tool_argument_rules
 from lllmsd.engines.llama_cpp.pattern import PatternError, pattern_gbnf
 from lllmsd.engines.llama_cpp.text import LlamaCppTextEngine
 from lllmsd.errors import InvalidRequest
@@ -67,7 +67,9 @@ def test_a_nested_recursive_model_converts_and_its_schema_is_left_as_sent() -> N
 def test_tools_with_refs_convert_each_with_its_own_definitions() -> None:
     first = {"$defs": {"Role": {"enum": ["a"]}}, "properties": {"r": {"$ref": "#/$defs/Role"}}, "type": "object"}
     second = {"$defs": {"Role": {"enum": ["b"]}}, "properties": {"r": {"$ref": "#/$defs/Role"}}, "type": "object"}
-    got = rules(tool_grammar((ToolSpec("one", None, first), ToolSpec("two", None, second)), parallel=False))
+    names, text = tool_argument_rules((ToolSpec("one", None, first), ToolSpec("two", None, second)))
+    assert names == ["tool0-args", "tool1-args"]
+    got = rules(text)
     assert got["tool0-defs-Role"] == '"\\"a\\""'
     assert got["tool1-defs-Role"] == '"\\"b\\""'  # not the first tool's Role
 
@@ -85,7 +87,8 @@ def test_check_job_converts_once_and_the_job_carries_the_grammars(monkeypatch: p
     tools = (ToolSpec("person", None, schema), ToolSpec("address", None, Address.model_json_schema()))
     checked = LlamaCppTextEngine.check_job(MODEL, chat_job(tools=tools, tool_choice="auto"))
     assert "tools[0].function.parameters" in calls
-    assert checked.compiled.tools == tool_grammar(tools, parallel=True)
+    names, text = tool_argument_rules(tools)
+    assert checked.compiled.tool_arguments == (tuple(names), text)
     assert checked.compiled.output is None
 
 
