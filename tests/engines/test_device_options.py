@@ -6,6 +6,7 @@ load error (a cuda device), as docs/accelerators.md says."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import threading
@@ -211,8 +212,13 @@ async def test_the_daemon_serves_gpu_layers_all_on_a_cpu_build_and_says_why_once
         response = await client.post("/v1/chat/completions", json=body)
         assert response.status == 200, await response.text()
         assert (await response.json())["choices"][0]["message"]["content"]
-        status = await (await client.get("/")).json()
-    instances = status["models"]["chat"]["instances"]
+        # the request took the first instance that loaded; the second (min_instances) may still be loading
+        for _ in range(600):
+            status = await (await client.get("/")).json()
+            instances = status["models"]["chat"]["instances"]
+            if len(instances) == 2 and all(instance["placement"] for instance in instances):
+                break
+            await asyncio.sleep(0.1)
     assert len(instances) == 2
     for instance in instances:  # each in its own worker process, each with llama.cpp's own report
         assert instance["isolation"] == "process"
