@@ -104,7 +104,8 @@ def test_config_mistakes(options: dict[str, Any], words: str) -> None:
 async def test_the_official_sdk_against_the_real_model(start_app: AppFactory, name: str) -> None:
     """The whole daemon on the real model: what an OpenAI client sees."""
     model = EMBEDDING_MODELS[name]()
-    client = await start_app(parse_config({"models": {"minilm": model}}))
+    # token ids in the model's own vocabulary, as this test sends them (the default reads cl100k ids)
+    client = await start_app(parse_config({"models": {"minilm": {**model, "token_ids": "model"}}}))
     tokenize = folder_tokenizer(model)
     async with sdk(client) as api:
         default = await api.embeddings.create(model="minilm", input=list(PARAPHRASE))  # base64 on the wire
