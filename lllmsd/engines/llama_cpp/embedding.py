@@ -14,7 +14,6 @@ Choices made here, and why:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -22,12 +21,13 @@ import numpy as np
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import EmbeddingJob, EmbeddingResult, Feature
 from lllmsd.engines.base import EmbeddingEngine, ModelFiles
-from lllmsd.engines.llama_cpp.memory import gguf_estimate
-from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama, tokenize
+from lllmsd.engines.llama_cpp.model import load_llama, tokenize
+from lllmsd.engines.llama_cpp.resources import LlamaResources
 from lllmsd.errors import InvalidRequest
 
 
-class LlamaCppEmbeddingEngine(EmbeddingEngine):
+class LlamaCppEmbeddingEngine(LlamaResources, EmbeddingEngine):
+    pooled_outputs = True
     name = "llama-cpp"
     features = frozenset({Feature.TOKEN_INPUT})
 
@@ -36,17 +36,6 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
         self._llama, self._placement = load_llama(config, files, embedding=True)
         self.context_size = self._llama.n_ctx()
         self.n_vocab = self._llama.n_vocab()
-
-    def placement(self, _: object = None) -> dict[str, Any]:
-        return self._placement
-
-    @classmethod
-    def config_warnings(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
-        return gpu_warnings(config)
-
-    @classmethod
-    def estimate_memory(cls, config: LlamaCppModelConfig, files: ModelFiles) -> int | None:
-        return gguf_estimate(config, files, embedding=True).total
 
     def close(self) -> None:
         llama, self._llama = self._llama, None

@@ -17,7 +17,6 @@ on the first token of each sequence and gives one value per sequence. Choices ma
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import llama_cpp
 
@@ -25,12 +24,13 @@ from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import RerankJob, RerankResult
 from lllmsd.engines.base import ModelFiles, RerankEngine
 from lllmsd.engines.llama_cpp.embedding import pack
-from lllmsd.engines.llama_cpp.memory import gguf_estimate
-from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama
+from lllmsd.engines.llama_cpp.model import load_llama
+from lllmsd.engines.llama_cpp.resources import LlamaResources
 from lllmsd.errors import InvalidRequest, ModelUnavailable
 
 
-class LlamaCppRerankEngine(RerankEngine):
+class LlamaCppRerankEngine(LlamaResources, RerankEngine):
+    pooled_outputs = True
     name = "llama-cpp"
     features = frozenset()
 
@@ -53,17 +53,6 @@ class LlamaCppRerankEngine(RerankEngine):
         self._open = self._special(vocab, bos=True)
         self._middle = self._special(vocab, eos=True, sep=True)
         self._close = self._special(vocab, eos=True) or self._special(vocab, sep=True)
-
-    def placement(self, _: object = None) -> dict[str, Any]:
-        return self._placement
-
-    @classmethod
-    def config_warnings(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
-        return gpu_warnings(config)
-
-    @classmethod
-    def estimate_memory(cls, config: LlamaCppModelConfig, files: ModelFiles) -> int | None:
-        return gguf_estimate(config, files, embedding=True).total
 
     @staticmethod
     def _special(

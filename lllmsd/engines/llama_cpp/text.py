@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import (
@@ -50,9 +49,9 @@ from lllmsd.engines.llama_cpp.grammar import (
     response_grammar,
     tool_argument_rules,
 )
-from lllmsd.engines.llama_cpp.memory import gguf_estimate
-from lllmsd.engines.llama_cpp.model import gpu_warnings, load_llama, tokenize
+from lllmsd.engines.llama_cpp.model import load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
+from lllmsd.engines.llama_cpp.resources import LlamaResources
 from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
 from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
@@ -60,7 +59,7 @@ from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedPara
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-class LlamaCppTextEngine(TextEngine):
+class LlamaCppTextEngine(LlamaResources, TextEngine):
     name = ENGINE
     features = frozenset(
         {
@@ -85,17 +84,6 @@ class LlamaCppTextEngine(TextEngine):
         self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
         self._decoder = Decoder(self._llama, self._prompt.tools.shown_markers)
         self.context_size = self._decoder.context_size
-
-    def placement(self, _: object = None) -> dict[str, Any]:
-        return self._placement
-
-    @classmethod
-    def config_warnings(cls, config: LlamaCppModelConfig) -> list[tuple[str, str]]:
-        return gpu_warnings(config)
-
-    @classmethod
-    def estimate_memory(cls, config: LlamaCppModelConfig, files: ModelFiles) -> int | None:
-        return gguf_estimate(config, files, embedding=False).total
 
     def close(self) -> None:
         llama, self._llama = self._llama, None
