@@ -38,7 +38,7 @@ CLIENT_PACKAGES := \
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install accel models serve test test-fast lint bench fuzz clean system-deps install-service
+.PHONY: install accel models serve test test-fast lint bench fuzz clean system-deps install-service llama-server
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -103,9 +103,27 @@ lint: $(STAMP)
 
 BENCHES := pool_overhead chat_throughput isolation embeddings transcription speech load adversarial scale_out
 
+# llama.cpp's own server, the C++ contender in bench/chat_throughput.py: built once from the very llama.cpp
+# tree llama-cpp-python 0.3.36 vendors (its sdist), with the flags our wheel is built with, and cached.
+# About 5 minutes on 2 cores.
+LLAMA_SERVER := .cache/llama-server/llama-server
+LLAMA_SERVER_SRC := .cache/llama-server/src
+llama-server: $(LLAMA_SERVER)
+$(LLAMA_SERVER): | $(PY)
+	rm -rf $(LLAMA_SERVER_SRC) && mkdir -p $(LLAMA_SERVER_SRC)
+	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(LLAMA_SERVER_SRC)
+	tar -xzf $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_SERVER_SRC)
+	cd $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36/vendor/llama.cpp && \
+	  cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_BUILD_SERVER=ON \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	    -DBUILD_SHARED_LIBS=OFF >/dev/null && \
+	  cmake --build build -j2 --target llama-server >/dev/null
+	cp $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server $(LLAMA_SERVER)
+	rm -rf $(LLAMA_SERVER_SRC)
+
 # Every benchmark, one after another (each prints its figures beside its baseline); `make fuzz` is separate.
 # scale_out runs nginx (system-deps).
-bench: install system-deps
+bench: install system-deps $(LLAMA_SERVER)
 	for name in $(BENCHES); do $(PY) bench/$$name.py || exit 1; done
 
 # A long fuzzing run of every route from /openapi.json (the suite runs a few examples: tests/api/test_fuzz.py)

@@ -1,4 +1,4 @@
-"""The token loop: what the context holds, the sampler chain, and the logprobs of each sampled token.
+"""The token loop: prompts into the context (context.py), the sampler chain, and each token's logprobs.
 
 Choices made here, and why:
 - KV reuse: before evaluating a prompt the decoder keeps the longest common prefix of what the context
@@ -34,6 +34,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from lllmsd.core.jobs import Sampling, TokenLogprob, TopLogprob
+from lllmsd.engines.llama_cpp.context import Context
 from lllmsd.errors import InvalidRequest
 
 DEFAULT_TOP_K = 40
@@ -77,47 +78,44 @@ def seed_for(sampling: Sampling, choice: int) -> int:
 
 
 class Decoder:
-    """Evaluates prompts into one ``Llama``'s context and samples tokens after them."""
+    """Evaluates prompts into one instance's context (context.py) and samples tokens after them.
+
+    Per generated token the Python work is: one llama_decode (context.py), one ``llama_sampler_sample``
+    (the whole chain runs in C), a dictionary lookup for the token's bytes and one for whether it ends
+    the answer. Logits are read in Python only for logprobs."""
 
     def __init__(self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = ()) -> None:
-        self._llama = llama
-        self.context_size = llama.n_ctx()
-        self.n_vocab = llama.n_vocab()
+        self._model = llama._model
         self._vocab = llama._model.vocab
+        self._context = Context(llama)
+        self.context_size = self._context.size
+        self.n_vocab = llama.n_vocab()
         # Control tokens that must come out as their text: markers a model family writes as one special
         # token ([TOOL_CALLS], <|python_tag|>, <think>), which the tool-call and reasoning parsers read.
         # Other control tokens stay invisible, as llama.cpp shows them.
         self._shown = frozenset(t for t in map(self._single_token, shown_markers) if t is not None)
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes, filled as tokens are met
+        self._ends: dict[int, bool] = {}  # token -> whether it ends generation (llama_vocab_is_eog)
 
     @property
     def held_tokens(self) -> int:
         """How many tokens the context holds evaluated."""
-        return int(self._llama.n_tokens)
+        return self._context.held
 
     # ------------------------------------------------------------------------------------- KV cache
-
-    def _cached_prefix(self, tokens: list[int]) -> int:
-        llama = self._llama
-        held = llama.input_ids[: min(llama.n_tokens, len(tokens))]
-        differ = np.nonzero(held != np.asarray(tokens[: len(held)], dtype=held.dtype))[0]
-        return int(differ[0]) if differ.size else len(held)
 
     def evaluate(self, tokens: list[int], cancel: threading.Event | None, *, keep_last: bool = True) -> int | None:
         """Make the context hold ``tokens``, reusing the longest cached prefix; returns how many prompt
         tokens were reused, or None if cancelled. With ``keep_last`` the last token is always evaluated:
         sampling needs its logits."""
-        llama = self._llama
-        reuse = self._cached_prefix(tokens)
+        context = self._context
+        reuse = context.common_prefix(tokens)
         if keep_last:
             reuse = min(reuse, len(tokens) - 1)
-        if reuse < llama.n_tokens and not llama._ctx.kv_cache_seq_rm(-1, reuse, -1):
-            reuse = 0  # this model's memory cannot drop a suffix: start over
-            llama.reset()
-        llama.n_tokens = reuse
-        for start in range(reuse, len(tokens), llama.n_batch):
-            if cancel is not None and cancel.is_set():
-                return None
-            llama.eval(tokens[start : start + llama.n_batch])
+        context.truncate(reuse)
+        reuse = context.held  # 0 if the memory could not keep the prefix
+        if not context.feed(tokens[reuse:], cancel):
+            return None
         return reuse
 
     # ------------------------------------------------------------------------------------- sampling
@@ -128,33 +126,43 @@ class Decoder:
         """The generated tokens' bytes (and logprobs when asked for) after an evaluated ``prompt``; sets
         ``outcome.finish`` on a normal end. ``score`` sums logprobs into ``outcome`` even when the plan
         asks for none (best_of ranks candidates by them)."""
-        sampler = self._sampler(plan, seed, prompt)
+        chain = self._sampler(plan, seed, prompt)
+        sampler = chain.sampler
+        context = self._context
+        out_of_time = plan.sampling.out_of_time
+        want_logprobs = plan.top_logprobs is not None or score
+        pieces, ends = self._pieces, self._ends
         try:
             token = -1
             for position in range(self._budget(plan, prompt)):
                 if cancel.is_set():
                     return
-                if plan.sampling.out_of_time():
+                if out_of_time():
                     break  # the request's time budget is spent: it ends like max_tokens ("length")
                 if position:
-                    self._llama.eval([token])  # only now: a token nobody asks to continue stays unevaluated
-                token = sampler.sample(self._llama._ctx, -1)
-                if self._is_end(token):
+                    context.step(token)  # only now: a token nobody asks to continue stays unevaluated
+                token = context.sample(sampler)
+                end = ends.get(token)
+                if end is None:
+                    end = ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+                if end:
                     outcome.finish = "stop"
                     return
-                piece = self._piece(token)
+                piece = pieces.get(token)
+                if piece is None:
+                    piece = pieces[token] = self._piece(token)
                 logprob = None
-                if plan.top_logprobs is not None or score:
+                if want_logprobs:
                     logprob = self._logprob(token, piece, plan.top_logprobs or 0)
                     outcome.logprob_sum += logprob.logprob
                 outcome.tokens += 1
                 yield piece, (logprob if plan.top_logprobs is not None else None)
             outcome.finish = "length"
         finally:
-            sampler.close()
+            chain.close()
 
     def _piece(self, token: int) -> bytes:
-        return self._llama._model.detokenize([token], special=token in self._shown)
+        return self._model.detokenize([token], special=token in self._shown)
 
     def _single_token(self, text: str) -> int | None:
         """The token that ``text`` is, if it is one token of this model."""
@@ -162,9 +170,6 @@ class Decoder:
         data = text.encode("utf-8")
         count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, 2, False, True)
         return int(buffer[0]) if count == 1 else None
-
-    def _is_end(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def _budget(self, plan: Plan, prompt: list[int]) -> int:
         room = self.context_size - len(prompt)
@@ -238,7 +243,7 @@ class Decoder:
         llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
 
     def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
+        logits = self._context.logits(self.n_vocab)
         peak = float(logits.max())
         log_total = peak + math.log(float(np.exp(logits - peak, dtype=np.float64).sum()))
         alternatives: tuple[TopLogprob, ...] = ()
