@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from lllmsd.api.schemas.json_schema import (
 )
 from tests.conftest import AppFactory, fake_model, make_config
 from tests.setup_models import model_path
+from tests.shared_daemon import RemoteClient, ThreadedDaemon, shared_daemon
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -48,7 +50,10 @@ def tool(parameters: dict[str, Any], name: str = "f") -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
-async def post(client: TestClient, path: str, body: dict[str, Any] | bytes) -> tuple[int, dict[str, Any]]:
+Client = TestClient | RemoteClient  # a test's own app, or the module's shared llama daemon
+
+
+async def post(client: Client, path: str, body: dict[str, Any] | bytes) -> tuple[int, dict[str, Any]]:
     if isinstance(body, bytes):
         response = await client.post(path, data=body, headers={"Content-Type": "application/json"})
     else:
@@ -67,7 +72,7 @@ def assert_refused(status: int, body: dict[str, Any], param: str, *words: str) -
         assert word in error["message"], error["message"]
 
 
-async def served(client: TestClient, model: str = "chat") -> None:
+async def served(client: Client, model: str = "chat") -> None:
     """A normal request right after a refused one is answered."""
     status, body = await post(client, CHAT, {"model": model, "messages": USER, "max_tokens": 4})
     assert status == 200, body
@@ -303,14 +308,24 @@ def smollm2(**options: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def llama(start_app: AppFactory) -> TestClient:
+@pytest.fixture(scope="module")
+def llama_daemon() -> Iterator[ThreadedDaemon]:
+    """One daemon for every hostile request below: each test ends by checking it still serves both models,
+    so what one test did to it is what the next one must survive too."""
     # the engines run in their worker processes (the default): a crash there fails a request, not pytest
     minilm = {"task": "embedding", "engine": "sentence-transformers", "location": str(model_path("minilm"))}
-    return await start_app(make_config({"smol": smollm2(context_size=512), "minilm": minilm}))
+    with shared_daemon(make_config({"smol": smollm2(context_size=512), "minilm": minilm})) as daemon:
+        yield daemon
 
 
-async def chat_and_embeddings_served(client: TestClient) -> None:
+@pytest.fixture
+async def llama(llama_daemon: ThreadedDaemon) -> AsyncIterator[RemoteClient]:
+    client = RemoteClient(llama_daemon.url)
+    yield client
+    await client.close()
+
+
+async def chat_and_embeddings_served(client: Client) -> None:
     """After a hostile request, a normal chat and a normal embedding request are both answered."""
     await served(client, "smol")
     status, body = await post(client, "/v1/embeddings", {"model": "minilm", "input": "a normal sentence"})
@@ -336,7 +351,7 @@ def smol_chat(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.engines
-async def test_llama_large_length_and_item_bounds_are_enforced_not_crashed(llama: TestClient) -> None:
+async def test_llama_large_length_and_item_bounds_are_enforced_not_crashed(llama: RemoteClient) -> None:
     # maxLength 20,000: libllama's parser died on the nested groups llama-cpp-python wrote for it
     schema = {
         "type": "object",
@@ -389,7 +404,7 @@ async def test_llama_large_length_and_item_bounds_are_enforced_not_crashed(llama
     ],
 )
 async def test_llama_grammar_bounds_are_400_naming_grammar(
-    llama: TestClient, grammar: str, words: list[str], caplog: pytest.LogCaptureFixture
+    llama: RemoteClient, grammar: str, words: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     completion = {"model": "smol", "prompt": "x", "grammar": grammar}
@@ -404,7 +419,7 @@ async def test_llama_grammar_bounds_are_400_naming_grammar(
 
 
 @pytest.mark.engines
-async def test_llama_logit_bias_banning_every_token_a_grammar_allows_does_not_abort(llama: TestClient) -> None:
+async def test_llama_logit_bias_banning_every_token_a_grammar_allows_does_not_abort(llama: RemoteClient) -> None:
     pieces = vocab_pieces()
     # json_object must start with "{" (after optional whitespace): ban every such token, and whitespace
     brace = {str(t): -100 for t, p in pieces.items() if p.lstrip().startswith(b"{") or (p and not p.strip())}
@@ -423,7 +438,7 @@ async def test_llama_logit_bias_banning_every_token_a_grammar_allows_does_not_ab
 
 
 @pytest.mark.engines
-async def test_llama_vocabulary_and_context_bounds(llama: TestClient) -> None:
+async def test_llama_vocabulary_and_context_bounds(llama: RemoteClient) -> None:
     status, body = await post(llama, CHAT, smol_chat(logit_bias={"49152": 5}))  # SmolLM2 has 49,152 tokens
     assert_refused(status, body, "logit_bias", "vocabulary")
     status, body = await post(llama, CHAT, smol_chat(repeat_last_n=513, repeat_penalty=1.1))  # context_size 512
@@ -434,7 +449,7 @@ async def test_llama_vocabulary_and_context_bounds(llama: TestClient) -> None:
 
 
 @pytest.mark.engines
-async def test_llama_schema_the_converter_cannot_express_is_400_naming_it(llama: TestClient) -> None:
+async def test_llama_schema_the_converter_cannot_express_is_400_naming_it(llama: RemoteClient) -> None:
     cases = [
         # a part no grammar can express is named by its own path (grammar.py: check_schema_parts)
         ({"type": "object", "properties": {"x": {"$ref": "https://x.org/s.json"}}}, f"{FORMAT}.properties.x.$ref"),
