@@ -10,7 +10,8 @@ single *drainer* asyncio task turns that queue into batches:
   2. acquire an instance from the pool - while every instance is busy, more requests pile up and join;
   3. take the pending requests, in arrival order, up to ``max_batch_size`` inputs (a single larger
      request is never split: it runs whole), and run them as one ``EmbeddingJob`` on that instance;
-  4. slice the result back, so every caller gets exactly its own vectors in its own order.
+  4. give the instance back, so the next batch starts on it at once, then slice the result back: every
+     caller gets exactly its own vectors in its own order.
 
 With ``max_instances > 1`` the drainer starts the next batch as soon as the previous one has taken its
 requests, so batches run on several instances at once.
@@ -213,11 +214,17 @@ class EmbeddingBatcher:
             await asyncio.wait_for(self._wake.wait(), self.window)
 
     async def _run_batch(self, taken: asyncio.Future[None]) -> None:
+        answered: tuple[list[_Pending], EmbeddingResult] | None = None
         async with self.pool.acquire(counted=False) as instance:
             batch = self._take()
             taken.set_result(None)
             if batch:
-                await self._embed_batch(instance, batch)
+                answered = await self._embed_batch(instance, batch)
+        # The instance went back first: the next batch's task (waiting for it) runs before the callers
+        # whose futures are set here, so the engine starts on it while the event loop writes these
+        # replies, rather than idling until all of them are written.
+        if answered is not None:
+            self._distribute(*answered)
 
     def _take(self) -> list[_Pending]:
         """Pending requests in arrival order, up to max_batch_size inputs (at least one request)."""
@@ -234,7 +241,11 @@ class EmbeddingBatcher:
             inputs += head.size
         return batch
 
-    async def _embed_batch(self, instance: ModelInstance, batch: list[_Pending]) -> None:
+    async def _embed_batch(
+        self, instance: ModelInstance, batch: list[_Pending]
+    ) -> tuple[list[_Pending], EmbeddingResult] | None:
+        """The batch's result, for the caller to distribute; None when the callers have had their errors
+        (or, after a client error, their answers one by one) already."""
         # a lone request runs as it came, so an engine's error names its inputs as its client did
         merged = (
             batch[0].job
@@ -253,12 +264,12 @@ class EmbeddingBatcher:
                 await self._one_by_one(instance, batch)
             else:
                 self._fail(batch, exc)
-            return
+            return None
         except Exception as exc:  # a bug below us must still reach every caller as a clear error
             log.exception("%s: embedding batch failed", self.model_id)
             self._fail(batch, EngineError(f"embedding failed ({type(exc).__name__}); the daemon logged the details"))
-            return
-        self._distribute(batch, result)
+            return None
+        return batch, result
 
     async def _one_by_one(self, instance: ModelInstance, batch: list[_Pending]) -> None:
         for index, pending in enumerate(batch):

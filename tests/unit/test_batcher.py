@@ -186,6 +186,28 @@ async def test_requests_arriving_while_the_engine_works_form_the_next_batch(make
         assert_vectors(result, f"later{i}")
 
 
+async def test_the_next_batch_goes_to_the_engine_before_the_last_ones_callers_resume(make_batcher: MakeBatcher) -> None:
+    # Writing a batch's replies takes the event loop a while (one handler per caller); the engine must
+    # not sit idle meanwhile, so the instance goes back, and the next batch out, before the callers wake.
+    recorder = Recorder(gate=threading.Event())
+    batcher = make_batcher(recorder, window=0)
+    runs_seen_by_first: list[int] = []
+
+    async def first_caller() -> EmbeddingResult:
+        result = await batcher.embed(EmbeddingJob(inputs=("first",)))
+        runs_seen_by_first.append(batcher.batches_run)
+        return result
+
+    first = asyncio.create_task(first_caller())
+    assert await asyncio.to_thread(recorder.started.wait, 10)
+    later = start(batcher, "later")
+    await settle()
+    recorder.gate.set()  # type: ignore[union-attr]
+    await asyncio.gather(first, later)
+    assert runs_seen_by_first == [2]
+    assert recorder.calls == [("first",), ("later",)]
+
+
 async def test_batch_size_one_disables_batching(make_batcher: MakeBatcher) -> None:
     recorder = Recorder()
     batcher = make_batcher(recorder, window=0, max_batch_size=1)
