@@ -466,7 +466,10 @@ class LlamaCppModelConfig(ModelBase):
         None, description="Share of the model each GPU takes, e.g. [3, 1]; null = in proportion to free memory."
     )
     flash_attn: bool = Field(
-        False, description="Flash attention: a smaller compute buffer at long contexts; a quantized V cache needs it."
+        True,
+        description="Flash attention: faster decoding (SmolLM2 on 2 CPU cores: +14%, docs/benchmarks.md) and a "
+        "smaller compute buffer at long contexts; a quantized V cache needs it. On by default, as llama-server has "
+        "it wherever the device supports it.",
     )
     cache_type_k: KvCacheType = Field(
         "f16", description="KV cache type of keys: f16, or q8_0 / q4_0 / ... for about half / a quarter the memory."

@@ -80,15 +80,21 @@ def batch_sizes(config: LlamaCppModelConfig, context: int, *, embedding: bool) -
     return batch, min(config.ubatch_size or batch, batch)
 
 
-def default_context(path: str, limit: int) -> int:
-    """min(training context, ``limit``), read from the GGUF metadata with a vocabulary-only load."""
+def model_metadata(path: str) -> dict[str, str]:
+    """The GGUF's scalar metadata as llama.cpp reads it (a vocabulary-only load: no weights); arrays (the
+    vocabulary, per-layer shapes) are not in it."""
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = internals.LlamaModel(path_model=path, params=params, verbose=False)
     try:
-        metadata = model.metadata()
+        return dict(model.metadata())
     finally:
         model.close()
+
+
+def default_context(path: str, limit: int) -> int:
+    """min(training context, ``limit``), read from the GGUF metadata with a vocabulary-only load."""
+    metadata = model_metadata(path)
     arch = metadata.get("general.architecture", "")
     trained = int(metadata.get(f"{arch}.context_length", 0) or 0)
     return min(trained, limit) if trained > 0 else limit
