@@ -2,7 +2,7 @@
 
 1. Single client, same prompt, ``--max-tokens`` tokens at temperature 0, same threads everywhere
    (``--threads`` for generation and prompt evaluation), non-stream and stream:
-     (a) llama-cpp-python in-process: ``Llama.create_chat_completion``
+     (a) llama-cpp-python in-process: ``Llama.create_chat_completion`` (flash attention on, as in (b), (c))
      (b) llama-server over HTTP: built from the llama.cpp tree llama-cpp-python 0.3.36 vendors
          (``make llama-server``, cached under .cache/), same model, threads and context
      (c) ``lllmsd serve`` over HTTP, llama-cpp engine, one instance
@@ -390,8 +390,10 @@ def print_concurrent(figures: dict[str, tuple[float, float]], clients: int, args
 def load_in_process(threads: int) -> Any:
     import llama_cpp
 
+    # flash attention as lllmsd has it by default (and llama-server wherever the device supports it), so
+    # the three differ in their loops and transports, not in the attention kernel
     return llama_cpp.Llama(str(model_path("smollm2")), n_ctx=CONTEXT, n_threads=threads,
-                           n_threads_batch=threads, verbose=False)  # fmt: skip
+                           n_threads_batch=threads, flash_attn=True, verbose=False)  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -465,11 +465,12 @@ class LlamaCppModelConfig(ModelBase):
     tensor_split: list[float] | None = Field(
         None, description="Share of the model each GPU takes, e.g. [3, 1]; null = in proportion to free memory."
     )
-    flash_attn: bool = Field(
-        True,
+    flash_attn: bool | None = Field(
+        None,
         description="Flash attention: faster decoding (SmolLM2 on 2 CPU cores: +14%, docs/benchmarks.md) and a "
-        "smaller compute buffer at long contexts; a quantized V cache needs it. On by default, as llama-server has "
-        "it wherever the device supports it.",
+        "smaller compute buffer at long contexts; a quantized V cache needs it. null = on for text generation (as "
+        "llama-server has it wherever the device supports it), off for embedding and rerank models (whose scores "
+        "then do not depend on what else shares their batch, to the last digit).",
     )
     cache_type_k: KvCacheType = Field(
         "f16", description="KV cache type of keys: f16, or q8_0 / q4_0 / ... for about half / a quarter the memory."
@@ -483,9 +484,14 @@ class LlamaCppModelConfig(ModelBase):
     )
     use_mlock: bool = Field(False, description="Lock the weights in RAM so they are never swapped out.")
 
+    @property
+    def flash_attention(self) -> bool:
+        """Whether the instances use flash attention: ``flash_attn``, or by default for text generation."""
+        return self.flash_attn if self.flash_attn is not None else self.task == ModelTask.TEXT_COMPLETION
+
     def problems(self) -> list[tuple[str, str]]:
         found = super().problems()
-        if self.cache_type_v not in ("f16", "f32", "bf16") and not self.flash_attn:
+        if self.cache_type_v not in ("f16", "f32", "bf16") and not self.flash_attention:
             found.append(("cache_type_v", f"{self.cache_type_v} (a quantized V cache) needs flash_attn: true"))
         if self.tensor_split is not None and (not self.tensor_split or min(self.tensor_split) < 0):
             found.append(("tensor_split", "give one share >= 0 per GPU"))

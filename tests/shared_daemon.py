@@ -95,3 +95,9 @@ class RemoteClient:
 
     async def close(self) -> None:
         await self.session.close()
+
+    async def __aenter__(self) -> RemoteClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

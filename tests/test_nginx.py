@@ -220,9 +220,11 @@ def test_sigterm_to_one_daemon_costs_no_request(cluster: Cluster) -> None:
     for status, answer in results:  # nothing lost, nothing failed
         assert status == 200, answer
         assert answer["choices"][0]["message"]["content"]
-    # what the daemons themselves answered: the stopping one only 200 and, while draining, 503
+    # what the daemons themselves answered: the stopping one only 200 and, if nginx sent it any while it
+    # drained (a matter of timing: the drain lasts as long as the one stream), 503
     chats = "/v1/chat/completions"
-    assert {status for path, status in stopping.answers() if path == chats} == {200, 503}
+    assert 200 in {status for path, status in stopping.answers() if path == chats}
+    assert {status for path, status in stopping.answers() if path == chats} <= {200, 503}
     assert {status for path, status in staying.answers() if path == chats} == {200}
     # nginx retried each refused request on the other daemon ("503, 200"); a 502 is nginx's own note of
     # a connection refused once the daemon had exited, one per "connect() failed" in its error log

@@ -8,23 +8,26 @@ import asyncio
 import contextlib
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 
-from tests.clients.conftest import base_url, smollm2
-from tests.conftest import AppFactory, make_config
+from tests.clients.conftest import smollm2
+from tests.conftest import make_config
+from tests.shared_daemon import ThreadedDaemon, shared_daemon
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
 DOCUMENTED_URL = "http://localhost:3000/v1"
 
 
-@pytest.fixture
-async def documented_daemon(start_app: AppFactory) -> TestClient:
+@pytest.fixture(scope="module")
+def documented_daemon() -> Iterator[ThreadedDaemon]:
+    """One daemon for every snippet: each runs as a user would against the same server."""
     models = {"smollm2": smollm2(), "minilm": {"task": "embedding", "engine": "fake", "dimensions": 8}}
-    return await start_app(make_config(models))
+    with shared_daemon(make_config(models)) as daemon:
+        yield daemon
 
 
 def test_the_page_has_a_snippet_per_library() -> None:
@@ -36,8 +39,8 @@ def test_the_page_has_a_snippet_per_library() -> None:
 
 @pytest.mark.engines
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=["openai", "langchain", "llama-index", "litellm"])
-async def test_each_snippet_runs(documented_daemon: TestClient, snippet: str) -> None:
-    code = snippet.replace(DOCUMENTED_URL, base_url(documented_daemon))
+async def test_each_snippet_runs(documented_daemon: ThreadedDaemon, snippet: str) -> None:
+    code = snippet.replace(DOCUMENTED_URL, str(documented_daemon.url / "v1"))
     printed = io.StringIO()
 
     def run() -> None:

@@ -5,26 +5,35 @@ grammar (tool_choice required) or by a request grammar (reasoning), read over HT
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from lllmsd.config import parse_config
 from tests.conftest import AppFactory, make_config, sdk, sse_data
 from tests.engines.test_llama_families import WEATHER, families_model
+from tests.shared_daemon import RemoteClient, ThreadedDaemon, shared_daemon
 
 pytestmark = pytest.mark.engines
 
 WIRE_TOOL = {"type": "function", "function": {"name": WEATHER.name, "parameters": WEATHER.parameters}}
 
 
-@pytest.fixture
-async def client(start_app: AppFactory) -> TestClient:
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[ThreadedDaemon]:
+    """One daemon for the module: each family is a model of its own, loaded by its first test."""
     models = {name: families_model(name) for name in ("hermes", "qwen3", "think", "llama3", "mistral")}
     models["qwen3-inline"] = families_model("qwen3", reasoning="inline")
-    return await start_app(make_config(models, concurrency=1))
+    with shared_daemon(make_config(models, concurrency=1)) as shared:
+        yield shared
+
+
+@pytest.fixture
+async def client(daemon: ThreadedDaemon) -> AsyncIterator[RemoteClient]:
+    async with RemoteClient(daemon.url) as remote:
+        yield remote
 
 
 def call_request(model: str, **extra: Any) -> dict[str, Any]:
@@ -40,7 +49,7 @@ def call_request(model: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("model", ["hermes", "llama3", "mistral"])
-async def test_a_forced_call_in_each_family_syntax_comes_back_as_a_call(client: TestClient, model: str) -> None:
+async def test_a_forced_call_in_each_family_syntax_comes_back_as_a_call(client: RemoteClient, model: str) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**call_request(model))
         stream = await api.chat.completions.create(**call_request(model, stream=True))
@@ -79,7 +88,7 @@ def reasoning_request(model: str, grammar: str, **extra: Any) -> dict[str, Any]:
         ("think", json.dumps(f"{THOUGHT}\n</think>\n\n{ANSWER}")),  # the prompt opened <think>
     ],
 )
-async def test_reasoning_is_split_out_streamed_and_not(client: TestClient, model: str, grammar: str) -> None:
+async def test_reasoning_is_split_out_streamed_and_not(client: RemoteClient, model: str, grammar: str) -> None:
     body = reasoning_request(model, f"root ::= {grammar}")
     async with sdk(client) as api:  # grammar is not OpenAI's: the SDK sends it as an extra field
         answer = await api.chat.completions.create(
@@ -101,7 +110,7 @@ async def test_reasoning_is_split_out_streamed_and_not(client: TestClient, model
     assert "think>" not in content + reasoning
 
 
-async def test_reasoning_inline_keeps_the_tags_in_the_content(client: TestClient) -> None:
+async def test_reasoning_inline_keeps_the_tags_in_the_content(client: RemoteClient) -> None:
     grammar = "root ::= " + json.dumps(f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}")
     response = await client.post("/v1/chat/completions", json=reasoning_request("qwen3-inline", grammar))
     assert response.status == 200
@@ -110,7 +119,7 @@ async def test_reasoning_inline_keeps_the_tags_in_the_content(client: TestClient
     assert "reasoning_content" not in message
 
 
-async def test_enable_thinking_false_reaches_the_template_over_http(client: TestClient) -> None:
+async def test_enable_thinking_false_reaches_the_template_over_http(client: RemoteClient) -> None:
     # the prompt then closes an empty reasoning: a grammar-forced plain answer stays content
     body = reasoning_request("qwen3", "root ::= " + json.dumps(ANSWER), chat_template_kwargs={"enable_thinking": False})
     response = await client.post("/v1/chat/completions", json=body)

@@ -61,11 +61,11 @@ async def test_a_nested_recursive_model_as_response_format(smol: ModelInstance) 
     schema = Person.model_json_schema()
     job = ChatJob(
         (ChatMessage("user", "Describe Bob, a user from Rome, as JSON."),),
-        Sampling(temperature=0.8, seed=11, max_tokens=200),
+        Sampling(temperature=0, max_tokens=300),
         response_format=ResponseFormat("json_schema", schema, "person"),
     )
     result = await run(smol, job)
-    assert result.choices[0].finish_reason == "stop"
+    assert result.choices[0].finish_reason == "stop", result.choices[0].text
     person_ok(json.loads(result.choices[0].text))
     assert schema == Person.model_json_schema()  # the job's schema was converted on a copy
 

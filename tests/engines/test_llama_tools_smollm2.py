@@ -8,13 +8,14 @@ repeat its call and the answer ended with ``length``."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
-from tests.conftest import AppFactory, make_config, sdk
+from tests.conftest import make_config, sdk
 from tests.setup_models import model_path
+from tests.shared_daemon import RemoteClient, ThreadedDaemon, shared_daemon
 
 pytestmark = pytest.mark.engines
 
@@ -44,8 +45,9 @@ TWO_CALLS = "Call get_weather for Paris, then call get_time for Tokyo."
 CHOICES: list[Any] = ["required", {"type": "function", "function": {"name": "get_weather"}}]
 
 
-@pytest.fixture
-async def client(start_app: AppFactory) -> TestClient:
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[ThreadedDaemon]:
+    """One daemon for the module: each test sends its own conversation at temperature 0."""
     smol = {
         "task": "text-completion",
         "engine": "llama-cpp",
@@ -53,7 +55,14 @@ async def client(start_app: AppFactory) -> TestClient:
         "context_size": 2048,
         "device": {"threads": 1, "batch_threads": 1},
     }
-    return await start_app(make_config({"smol": smol}))
+    with shared_daemon(make_config({"smol": smol})) as shared:
+        yield shared
+
+
+@pytest.fixture
+async def client(daemon: ThreadedDaemon) -> AsyncIterator[RemoteClient]:
+    async with RemoteClient(daemon.url) as remote:
+        yield remote
 
 
 def request(text: str, tool_choice: Any, **extra: Any) -> dict[str, Any]:
@@ -68,7 +77,7 @@ def request(text: str, tool_choice: Any, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("tool_choice", CHOICES, ids=["required", "named"])
-async def test_one_complete_call_at_max_tokens_48(client: TestClient, tool_choice: Any) -> None:
+async def test_one_complete_call_at_max_tokens_48(client: RemoteClient, tool_choice: Any) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**request(REPEATING, tool_choice, max_tokens=48))
     choice = answer.choices[0]
@@ -82,7 +91,7 @@ async def test_one_complete_call_at_max_tokens_48(client: TestClient, tool_choic
 
 
 @pytest.mark.parametrize("tool_choice", CHOICES, ids=["required", "named"])
-async def test_one_complete_call_at_max_tokens_48_streamed(client: TestClient, tool_choice: Any) -> None:
+async def test_one_complete_call_at_max_tokens_48_streamed(client: RemoteClient, tool_choice: Any) -> None:
     async with sdk(client) as api:
         stream = await api.chat.completions.create(**request(REPEATING, tool_choice, max_tokens=48, stream=True))
         chunks = [chunk async for chunk in stream]
@@ -102,7 +111,7 @@ async def test_one_complete_call_at_max_tokens_48_streamed(client: TestClient, t
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-async def test_the_default_max_tokens_never_repeats_a_call(client: TestClient) -> None:
+async def test_the_default_max_tokens_never_repeats_a_call(client: RemoteClient) -> None:
     # before: two identical calls; now the repeat is dropped and ends the answer (the model may still
     # make a different second call: it is offered one)
     async with sdk(client) as api:
@@ -116,7 +125,7 @@ async def test_the_default_max_tokens_never_repeats_a_call(client: TestClient) -
     assert answer.usage.completion_tokens < 40 * (len(calls) + 1)  # it stopped at the first repeat
 
 
-async def test_two_different_calls_get_indexes_0_and_1(client: TestClient) -> None:
+async def test_two_different_calls_get_indexes_0_and_1(client: RemoteClient) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**request(TWO_CALLS, "required", parallel_tool_calls=True))
         stream = await api.chat.completions.create(**request(TWO_CALLS, "required", stream=True))
@@ -145,14 +154,14 @@ async def test_two_different_calls_get_indexes_0_and_1(client: TestClient) -> No
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
-async def test_parallel_tool_calls_false_allows_exactly_one(client: TestClient) -> None:
+async def test_parallel_tool_calls_false_allows_exactly_one(client: RemoteClient) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**request(TWO_CALLS, "required", parallel_tool_calls=False))
     assert [c.function.name for c in answer.choices[0].message.tool_calls or []] == ["get_weather"]
     assert answer.choices[0].finish_reason == "tool_calls"
 
 
-async def test_a_call_cut_off_by_max_tokens_is_content_with_length(client: TestClient) -> None:
+async def test_a_call_cut_off_by_max_tokens_is_content_with_length(client: RemoteClient) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**request(REPEATING, "required", max_tokens=12))
     choice = answer.choices[0]
@@ -181,7 +190,7 @@ def few_shot(question: str) -> list[dict[str, Any]]:
     return [*messages, {"role": "user", "content": question}]
 
 
-async def test_auto_lets_the_model_call_and_the_call_goes_on_under_the_grammar(client: TestClient) -> None:
+async def test_auto_lets_the_model_call_and_the_call_goes_on_under_the_grammar(client: RemoteClient) -> None:
     # the few-shot calls give only a city: so does this tool
     city_only = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": city_only}}
@@ -203,7 +212,7 @@ async def test_auto_lets_the_model_call_and_the_call_goes_on_under_the_grammar(c
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
-async def test_auto_answers_in_text_when_the_model_does(client: TestClient) -> None:
+async def test_auto_answers_in_text_when_the_model_does(client: RemoteClient) -> None:
     async with sdk(client) as api:
         answer = await api.chat.completions.create(**request("Say hello.", "auto", max_tokens=20))
     choice = answer.choices[0]

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lllmsd.config import DaemonConfig, parse_config
 from tests.api.test_responses import read_sse
@@ -136,7 +136,7 @@ async def test_a_function_call_round_trip(start_app: AppFactory, tmp_path: Path)
 async def test_structured_output_streaming_and_limits(start_app: AppFactory, tmp_path: Path) -> None:
     class Colour(BaseModel):
         name: str
-        hex_code: str
+        hex_code: str = Field(max_length=7)  # "#ff0000": unbounded, SmolLM2 may write digits until the limit
 
     client = await start_app(smol_config(tmp_path))
     async with sdk(client) as api:

@@ -170,7 +170,7 @@ def estimate(shape: GgufShape, config: LlamaCppModelConfig, *, embedding: bool) 
     per_token = shape.kv_heads * (keys + values)
     kv = int(shape.layers * context * per_token)
     activations = FLOAT * ubatch * (3 * shape.feed_forward + 4 * shape.embedding)
-    if not config.flash_attn:
+    if not config.flash_attention:
         activations += int(SCORE_COPIES * FLOAT * ubatch * shape.heads * context)
     return Estimate(shape.tensor_bytes, kv, activations, RUNTIME, context)
 

@@ -53,7 +53,7 @@ def load_llama(
             main_gpu=config.main_gpu,
             split_mode=SPLIT_MODES[config.split_mode],
             tensor_split=config.tensor_split,
-            flash_attn=config.flash_attn,
+            flash_attn=config.flash_attention,
             type_k=ggml_type(config.cache_type_k),
             type_v=ggml_type(config.cache_type_v),
             offload_kqv=config.offload_kqv,
