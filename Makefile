@@ -37,6 +37,10 @@ CLIENT_PACKAGES := \
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs test files on this many processes (pytest-xdist; whole files, so a module's shared
+# daemon and loaded models stay in one process): most of the suite waits on worker processes and model
+# loads, so two processes on two cores take 9 minutes where one took 15.
+TEST_PROCESSES ?= 2
 
 .PHONY: install accel models serve test test-fast lint bench fuzz clean system-deps install-service llama-server
 
@@ -91,7 +95,7 @@ serve: install
 
 test: install system-deps
 	$(VENV)/bin/ruff check lllmsd tests bench
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # unit and api tiers only: no real engines
 test-fast: $(STAMP)
