@@ -177,6 +177,10 @@ def measure(backend: str, seconds: float, rounds: int) -> None:
     figures: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     splits: list[dict[str, float]] = []
     try:
+        # both daemons load their instance as they start: wait for them (a short measurement each), so
+        # that the first round of (a) does not share the cores with two model loads
+        batching.rate(0.5)
+        single.rate(0.5)
         for round_ in range(1, rounds + 1):
             figures["a"].append(raw.rate(seconds))
             figures["b"].append(batching.rate(seconds))
