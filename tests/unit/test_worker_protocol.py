@@ -3,16 +3,26 @@ makes of the lines a worker writes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 
 from lllmsd.core.jobs import ChatJob, ChatMessage, Sampling, TextDelta
 from lllmsd.core.worker import process
-from lllmsd.core.worker.protocol import BlockingChannel, Call, ChannelClosed, Emitted, decode_length, encode
+from lllmsd.core.worker.protocol import (
+    BlockingChannel,
+    Call,
+    ChannelClosed,
+    Emitted,
+    EmittedMany,
+    decode_length,
+    encode,
+)
 from lllmsd.errors import ContextLengthExceeded, ModelUnavailable, UnsupportedParameter
 
 
@@ -78,3 +88,41 @@ def test_a_flood_of_worker_lines_is_cut_to_a_burst_per_window(monkeypatch: pytes
     now[0] += process.LOG_WINDOW
     assert limiter.dropped_now() == 2000 - process.LOG_BURST
     assert limiter.admit()
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+
+def collected_frames(events: list[TextDelta], *, fail_after: bool = False) -> list[object]:
+    from lllmsd.core.worker.main import Worker
+
+    def generate() -> Iterator[TextDelta]:
+        yield from events
+        if fail_after:
+            raise RuntimeError("the engine broke")
+
+    channel = RecordingChannel()
+    worker = Worker(channel)  # type: ignore[arg-type]
+    with contextlib.suppress(RuntimeError):
+        worker._send_collected(5, generate(), threading.Event())
+    return channel.sent
+
+
+def test_a_collected_answer_goes_in_frames_of_many_events_in_order() -> None:
+    from lllmsd.core.worker.main import COLLECTED_FRAME_EVENTS
+
+    events = [TextDelta(str(i)) for i in range(2 * COLLECTED_FRAME_EVENTS + 3)]
+    frames = collected_frames(events)
+    assert [len(f.events) for f in frames] == [COLLECTED_FRAME_EVENTS, COLLECTED_FRAME_EVENTS, 3]  # type: ignore[attr-defined]
+    assert all(isinstance(f, EmittedMany) and f.call_id == 5 for f in frames)
+    assert [e for f in frames for e in f.events] == events  # type: ignore[attr-defined]
+
+
+def test_a_collected_answer_that_fails_still_sends_what_came_before() -> None:
+    frames = collected_frames([TextDelta("a"), TextDelta("b")], fail_after=True)
+    assert frames == [EmittedMany(5, (TextDelta("a"), TextDelta("b")))]

@@ -39,6 +39,7 @@ from lllmsd.core.worker.protocol import (
     Cancel,
     ChannelClosed,
     Emitted,
+    EmittedMany,
     EngineFailure,
     Finished,
     Load,
@@ -254,12 +255,15 @@ class WorkerProcess:
         elif isinstance(message, Raised) and message.call_id == 0:
             if self._loaded is not None and not self._loaded.done():
                 self._loaded.set_exception(self._error(message.error, loading=True))
-        elif isinstance(message, Emitted | Returned | Finished | Raised):
+        elif isinstance(message, Emitted | EmittedMany | Returned | Finished | Raised):
             answers = self._calls.get(message.call_id)
             if answers is None:
                 return  # an answer to a call abandoned after the grace
             if isinstance(message, Emitted):
                 answers.put_nowait(message.event)
+            elif isinstance(message, EmittedMany):
+                for event in message.events:
+                    answers.put_nowait(event)
             elif isinstance(message, Returned):
                 answers.put_nowait(_End(message.value))
             elif isinstance(message, Finished):

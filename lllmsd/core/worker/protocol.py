@@ -11,7 +11,8 @@ The conversation:
     Load(engine, config, files, preload) ->
                                          <- Loaded(cached_tokens)            or Raised(0, error)
     Call(id, method, job) ->
-                                         <- Emitted(id, event)...            (stream methods)
+                                         <- Emitted(id, event)...            (stream methods; a collected
+                                                                              answer: EmittedMany frames)
                                          <- Returned(id, value)              (embed) or Finished(id)
                                          <- Raised(id, error)                (the call failed)
     Cancel(id) ->                           the call stops within one token, then Finished(id)
@@ -75,6 +76,16 @@ class Loaded:
 class Emitted:
     call_id: int
     event: Any
+
+
+@dataclass(frozen=True, slots=True)
+class EmittedMany:
+    """Several events of one call in one frame: for an answer the client collects whole (a chat job with
+    ``stream`` false), per-token frames would only wake the daemon, which takes a core from the engine's
+    threads at every token."""
+
+    call_id: int
+    events: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
