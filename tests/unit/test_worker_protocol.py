@@ -126,3 +126,36 @@ def test_a_collected_answer_goes_in_frames_of_many_events_in_order() -> None:
 def test_a_collected_answer_that_fails_still_sends_what_came_before() -> None:
     frames = collected_frames([TextDelta("a"), TextDelta("b")], fail_after=True)
     assert frames == [EmittedMany(5, (TextDelta("a"), TextDelta("b")))]
+
+
+def streamed_frames(timed: list[tuple[float, TextDelta]]) -> list[object]:
+    from lllmsd.core.worker.main import Worker
+
+    now = [0.0]
+
+    def generate() -> Iterator[TextDelta]:
+        for at, event in timed:
+            now[0] = at
+            yield event
+
+    channel = RecordingChannel()
+    Worker(channel, clock=lambda: now[0])._send_streamed(9, generate(), threading.Event())  # type: ignore[arg-type]
+    return channel.sent
+
+
+def test_a_stream_sends_each_event_at_once_unless_one_went_within_the_window() -> None:
+    from lllmsd.core.worker.main import STREAM_WINDOW
+
+    a, b, c, d, e = (TextDelta(t) for t in "abcde")
+    # a goes at once; b comes within the window and waits for c, which comes after it: both in one frame;
+    # d and e each come more than a window after the frame before: each at once
+    w = STREAM_WINDOW
+    frames = streamed_frames([(0.0, a), (w / 2, b), (w * 1.1, c), (w * 2.5, d), (w * 4, e)])
+    assert frames == [Emitted(9, a), EmittedMany(9, (b, c)), Emitted(9, d), Emitted(9, e)]
+
+
+def test_a_stream_sends_what_waits_when_it_ends() -> None:
+    from lllmsd.core.worker.main import STREAM_WINDOW
+
+    a, b = TextDelta("a"), TextDelta("b")
+    assert streamed_frames([(0.0, a), (STREAM_WINDOW / 4, b)]) == [Emitted(9, a), Emitted(9, b)]

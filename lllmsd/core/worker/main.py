@@ -23,8 +23,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,14 @@ log = logging.getLogger("lllmsd.worker")
 
 STREAMING = frozenset({"chat", "complete", "transcribe", "speak"})
 COLLECTED_FRAME_EVENTS = 64  # events per frame of a collected answer: ~0.8 s of SmolLM2 tokens on 2 cores
+STREAM_WINDOW = 0.02  # seconds: a streamed event sent sooner than this after the last frame waits for the next
 PR_SET_PDEATHSIG = 1
 
 
 class Worker:
-    def __init__(self, channel: BlockingChannel) -> None:
+    def __init__(self, channel: BlockingChannel, clock: Callable[[], float] = time.monotonic) -> None:
         self.channel = channel
+        self.clock = clock  # for STREAM_WINDOW (tests give their own)
         self.engine: Any = None
         self.calls: queue.Queue[Call | None] = queue.Queue()
         self.cancels: dict[int, threading.Event] = {}
@@ -118,10 +121,7 @@ class Worker:
             if call.method in STREAMING:
                 events: Iterator[Any] = method(call.job, cancel)
                 if getattr(call.job, "stream", True):
-                    for event in events:
-                        if cancel.is_set():
-                            break
-                        self.channel.send(Emitted(call.call_id, event))
+                    self._send_streamed(call.call_id, events, cancel)
                 else:
                     self._send_collected(call.call_id, events, cancel)
                 self.channel.send(Finished(call.call_id))
@@ -134,6 +134,32 @@ class Worker:
         finally:
             with self.lock:
                 self.cancels.pop(call.call_id, None)
+
+    def _send_streamed(self, call_id: int, events: Iterator[Any], cancel: threading.Event) -> None:
+        """The events of a streamed answer: each at once, unless one went less than STREAM_WINDOW ago; then
+        it waits for the next event (one token's time at most) and both go in one frame. Tokens that come
+        faster than the window wake the daemon about once per window instead of once per token; slower
+        ones (a large model, transcript segments, spoken sentences) all go at once."""
+        pending: list[Any] = []
+        last_sent = -STREAM_WINDOW
+        try:
+            for event in events:
+                if cancel.is_set():
+                    break
+                pending.append(event)
+                now = self.clock()
+                if now - last_sent >= STREAM_WINDOW:
+                    self._send_events(call_id, pending)
+                    last_sent = now
+        finally:
+            self._send_events(call_id, pending)
+
+    def _send_events(self, call_id: int, pending: list[Any]) -> None:
+        if len(pending) == 1:
+            self.channel.send(Emitted(call_id, pending[0]))
+        elif pending:
+            self.channel.send(EmittedMany(call_id, tuple(pending)))
+        pending.clear()
 
     def _send_collected(self, call_id: int, events: Iterator[Any], cancel: threading.Event) -> None:
         """The events of an answer the client collects whole, COLLECTED_FRAME_EVENTS to a frame. An error
