@@ -93,7 +93,8 @@ def free_port() -> int:
 class Daemon:
     """`lllmsd serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, models: dict, concurrency: int = 2) -> None:
+    def __init__(self, models: dict, concurrency: int = 2, *, start_seconds: float = 10.0) -> None:
+        self.start_seconds = start_seconds  # how long it may take to listen (importing engines on a busy machine)
         self.port = free_port()
         self.dir = tempfile.TemporaryDirectory()
         config = {"listen": {"port": self.port}, "concurrency": concurrency, "models": models}
@@ -115,15 +116,16 @@ class Daemon:
             env={**os.environ},
         )
         url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + self.start_seconds
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
+            while time.monotonic() < deadline:
                 try:
                     async with session.get(f"{url}/health") as response:
                         if response.status == 200:
                             return url
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
-        raise RuntimeError("the daemon did not start")
+        raise RuntimeError(f"the daemon did not start in {self.start_seconds:g} s")
 
     async def __aexit__(self, *exc: object) -> None:
         if self.process is not None:

@@ -109,7 +109,7 @@ def collected_frames(events: list[TextDelta], *, fail_after: bool = False) -> li
     channel = RecordingChannel()
     worker = Worker(channel)  # type: ignore[arg-type]
     with contextlib.suppress(RuntimeError):
-        worker._send_collected(5, generate(), threading.Event())
+        worker._send_events(5, generate(), threading.Event(), stream=False)
     return channel.sent
 
 
@@ -139,7 +139,8 @@ def streamed_frames(timed: list[tuple[float, TextDelta]]) -> list[object]:
             yield event
 
     channel = RecordingChannel()
-    Worker(channel, clock=lambda: now[0])._send_streamed(9, generate(), threading.Event())  # type: ignore[arg-type]
+    worker = Worker(channel, clock=lambda: now[0])  # type: ignore[arg-type]
+    worker._send_events(9, generate(), threading.Event(), stream=True)
     return channel.sent
 
 

@@ -120,10 +120,8 @@ class Worker:
             method = getattr(self.engine, call.method)
             if call.method in STREAMING:
                 events: Iterator[Any] = method(call.job, cancel)
-                if getattr(call.job, "stream", True):
-                    self._send_streamed(call.call_id, events, cancel)
-                else:
-                    self._send_collected(call.call_id, events, cancel)
+                # only a chat job says whether its client collects the answer; every other one streams
+                self._send_events(call.call_id, events, cancel, stream=getattr(call.job, "stream", True))
                 self.channel.send(Finished(call.call_id))
             else:
                 self.channel.send(Returned(call.call_id, method(call.job)))
@@ -135,11 +133,14 @@ class Worker:
             with self.lock:
                 self.cancels.pop(call.call_id, None)
 
-    def _send_streamed(self, call_id: int, events: Iterator[Any], cancel: threading.Event) -> None:
-        """The events of a streamed answer: each at once, unless one went less than STREAM_WINDOW ago; then
-        it waits for the next event (one token's time at most) and both go in one frame. Tokens that come
-        faster than the window wake the daemon about once per window instead of once per token; slower
-        ones (a large model, transcript segments, spoken sentences) all go at once."""
+    def _send_events(self, call_id: int, events: Iterator[Any], cancel: threading.Event, *, stream: bool) -> None:
+        """A call's events, several to a frame, since each frame wakes the daemon and takes a core from the
+        engine's threads. A streamed event goes at once unless a frame went less than STREAM_WINDOW ago;
+        then it waits for the next event (one token's time at most) and both go together, so tokens faster
+        than the window wake the daemon about once per window, and slower events (a large model's tokens,
+        transcript segments, spoken sentences) all go at once. An answer the client collects whole goes
+        COLLECTED_FRAME_EVENTS to a frame. An error raised mid-way still sends what came before it (the
+        daemon then reports the error)."""
         pending: list[Any] = []
         last_sent = -STREAM_WINDOW
         try:
@@ -147,35 +148,24 @@ class Worker:
                 if cancel.is_set():
                     break
                 pending.append(event)
-                now = self.clock()
-                if now - last_sent >= STREAM_WINDOW:
-                    self._send_events(call_id, pending)
-                    last_sent = now
+                if stream:
+                    now = self.clock()
+                    due = now - last_sent >= STREAM_WINDOW
+                    if due:
+                        last_sent = now
+                else:
+                    due = len(pending) >= COLLECTED_FRAME_EVENTS
+                if due:
+                    self._send_frame(call_id, pending)
         finally:
-            self._send_events(call_id, pending)
+            self._send_frame(call_id, pending)
 
-    def _send_events(self, call_id: int, pending: list[Any]) -> None:
+    def _send_frame(self, call_id: int, pending: list[Any]) -> None:
         if len(pending) == 1:
             self.channel.send(Emitted(call_id, pending[0]))
         elif pending:
             self.channel.send(EmittedMany(call_id, tuple(pending)))
         pending.clear()
-
-    def _send_collected(self, call_id: int, events: Iterator[Any], cancel: threading.Event) -> None:
-        """The events of an answer the client collects whole, COLLECTED_FRAME_EVENTS to a frame. An error
-        raised mid-way still sends what came before it (the daemon then reports the error)."""
-        pending: list[Any] = []
-        try:
-            for event in events:
-                if cancel.is_set():
-                    break
-                pending.append(event)
-                if len(pending) >= COLLECTED_FRAME_EVENTS:
-                    self.channel.send(EmittedMany(call_id, tuple(pending)))
-                    pending.clear()
-        finally:
-            if pending:
-                self.channel.send(EmittedMany(call_id, tuple(pending)))
 
     def _close_engine(self) -> None:
         if self.engine is not None:

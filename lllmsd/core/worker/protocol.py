@@ -11,8 +11,8 @@ The conversation:
     Load(engine, config, files, preload) ->
                                          <- Loaded(cached_tokens)            or Raised(0, error)
     Call(id, method, job) ->
-                                         <- Emitted(id, event)...            (stream methods; a collected
-                                                                              answer: EmittedMany frames)
+                                         <- Emitted(id, event)...            (stream methods; events that
+                                         <- EmittedMany(id, events)...        come close together share one)
                                          <- Returned(id, value)              (embed) or Finished(id)
                                          <- Raised(id, error)                (the call failed)
     Cancel(id) ->                           the call stops within one token, then Finished(id)
@@ -80,9 +80,8 @@ class Emitted:
 
 @dataclass(frozen=True, slots=True)
 class EmittedMany:
-    """Several events of one call in one frame: for an answer the client collects whole (a chat job with
-    ``stream`` false), per-token frames would only wake the daemon, which takes a core from the engine's
-    threads at every token."""
+    """Several events of one call in one frame: a frame per token would wake the daemon at every token,
+    taking a core from the engine's threads (the worker's ``_send_events`` says when events share one)."""
 
     call_id: int
     events: tuple[Any, ...]
