@@ -414,6 +414,7 @@ class FakeModelConfig(ModelBase):
         None, ge=0, description="Generation raises after this many tokens (null = never)."
     )
     dimensions: int = Field(16, ge=1, le=8192, description="Length of the fake embedding vectors.")
+    slots: int = Field(1, ge=1, le=64, description="Requests one instance serves at once.")
 
     def needs_source(self) -> bool:
         return False
@@ -434,6 +435,15 @@ class LlamaCppModelConfig(ModelBase):
         default_factory=dict, description="Named grammars (GBNF text or a JSON Schema as JSON text)."
     )
     batch_size: int = Field(512, ge=1, description="Prompt tokens evaluated per batch (llama.cpp's n_batch).")
+    slots: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Requests one instance serves at once (text generation): each on a sequence of its own with "
+        "context_size tokens, the tokens of all of them evaluated in one batch per step, as llama-server's "
+        "--parallel. More tokens per second for concurrent requests from one copy of the weights and one compute "
+        "buffer (each request gets fewer); the KV cache grows slots times. docs/operations.md says when to use it.",
+    )
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic"] = Field(
         "auto",
         description="Tool-call syntax: auto = detected from the chat template (docs/tools.md); hermes "
@@ -495,6 +505,8 @@ class LlamaCppModelConfig(ModelBase):
             found.append(("cache_type_v", f"{self.cache_type_v} (a quantized V cache) needs flash_attn: true"))
         if self.tensor_split is not None and (not self.tensor_split or min(self.tensor_split) < 0):
             found.append(("tensor_split", "give one share >= 0 per GPU"))
+        if self.slots > 1 and self.task != ModelTask.TEXT_COMPLETION:
+            found.append(("slots", "several requests at once on one instance is for text generation only"))
         return found
 
 

@@ -2,7 +2,8 @@
 real engines) or on a thread of the daemon (``ThreadHost``: the FakeEngine and engines a test builds at
 run time, which another process could not import).
 
-Both hosts run one call at a time and have the same shape, so ModelInstance does not care which it has:
+Both hosts run one call at a time (or up to the engine's ``concurrency``, for an engine that serves several
+requests at once: llama-cpp with ``slots``) and have the same shape, so ModelInstance does not care which it has:
 - ``load(config, files, preload)`` builds the engine and returns the tokens the preload cached;
 - ``stream(method, job, deadline)`` yields a streaming method's events; closing it early cancels the
   call (the engine stops within one token); at the deadline (core/deadline.py) the call is cancelled
@@ -66,17 +67,18 @@ _DONE = _Done()
 
 
 class ThreadHost:
-    """The engine on a single worker thread of the daemon. Concurrency rule: every engine call, the
-    constructor included, runs on that thread, so the engine is never used by two threads."""
+    """The engine on a worker thread of the daemon. Concurrency rule: every engine call, the constructor
+    included, runs on that thread, so the engine is never used by two threads; an engine of ``concurrency``
+    N (it said it serves N requests at once) gets N threads."""
 
-    def __init__(self, instance_id: str, engine_class: type[Engine]) -> None:
+    def __init__(self, instance_id: str, engine_class: type[Engine], concurrency: int = 1) -> None:
         self.instance_id = instance_id
         self.engine_class = engine_class
         self.engine: Engine | None = None
         self.pid: int | None = None
         self.dead: str | None = None
         self.context_size: int | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lllmsd-{instance_id}")
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"lllmsd-{instance_id}")
 
     async def load(self, config: Any, files: ModelFiles, preload: Preload | None) -> int:
         def work() -> int:

@@ -5,7 +5,10 @@ engine's C code costs this instance only, or a thread of the daemon (``isolation
 does not care which: it sends jobs to the host and tracks what the pool needs to know.
 
 Concurrency rules:
-- The host runs one engine call at a time; the pool hands an instance to one request at a time.
+- The pool hands an instance to one request at a time, or to up to ``slots`` at once for a model that
+  serves several requests on one instance (llama-cpp's ``slots``: each on a sequence of its own in the
+  engine); ``active`` counts them, and the instance is BUSY while any runs. Its ``context`` is then the
+  last request's, a routing hint only: the engine picks the slot that holds the longest prefix itself.
 - State changes happen only through this class's methods, on the event loop thread.
 - A consumer that stops reading a stream (client gone, cancellation) closes it, which cancels the
   engine's call: it stops within one token, or its worker is killed after ``cancel_grace`` seconds and
@@ -101,6 +104,8 @@ class ModelInstance:
         self.created_wall = clock.wall()
         self.last_used = self.created_at
         self.requests_served = 0
+        self.slots = int(getattr(config, "slots", 1) or 1)  # requests it serves at once
+        self.active = 0  # requests it is serving now
         # the client session (X-Session-Id) of the request it served last, if it sent one: the conversation
         # its context holds, for the pool's session affinity
         self.session: str | None = None
@@ -116,7 +121,7 @@ class ModelInstance:
         if self.isolation == "process" and target is not None:
             self.host = WorkerProcess(instance_id, target, cancel_grace=config.cancel_grace)
         else:
-            self.host = ThreadHost(instance_id, engine_class)
+            self.host = ThreadHost(instance_id, engine_class, concurrency=self.slots)
 
     def __repr__(self) -> str:
         return f"<ModelInstance {self.id} {self.model_id} {self.state.value}>"
@@ -161,23 +166,35 @@ class ModelInstance:
         except Exception:
             log.exception("instance %s: closing its engine failed", self.id)
 
+    @property
+    def has_free_slot(self) -> bool:
+        """Whether the pool may hand it another request now: idle, or busy with fewer than ``slots``."""
+        if self.state is InstanceState.IDLE:
+            return True
+        return self.state is InstanceState.BUSY and self.active < self.slots
+
     def reserve(self, session: str | None = None) -> None:
-        assert self.state is InstanceState.IDLE, self.state
+        assert self.has_free_slot, (self.state, self.active)
         self.state = InstanceState.BUSY
+        self.active += 1
         self.session = session
 
     def release(self) -> None:
-        """Back to IDLE after a request, unless the engine failed (ERROR) or it was disposed."""
+        """One request ended: back to IDLE once none runs, unless the engine failed (ERROR) or it was
+        disposed."""
         if self.host.dead is not None:
             self.mark_failed(EngineError(f"its worker process {self.host.dead}"))
-        if self.state is InstanceState.BUSY:
-            self.state = InstanceState.IDLE
+        self._end_request()
         self.last_used = self.clock.now()
         self.requests_served += 1
 
     def unreserve(self) -> None:
         """Undo a reservation that was never used (the waiter left in the same instant)."""
-        if self.state is InstanceState.BUSY:
+        self._end_request()
+
+    def _end_request(self) -> None:
+        self.active = max(0, self.active - 1)
+        if self.state is InstanceState.BUSY and self.active == 0:
             self.state = InstanceState.IDLE
 
     def reset_context(self) -> None:
@@ -270,6 +287,8 @@ class ModelInstance:
             "age_seconds": round(now - self.created_at, 3),
             "idle_seconds": round(now - self.last_used, 3) if self.state is InstanceState.IDLE else 0,
             "requests_served": self.requests_served,
+            "slots": self.slots,
+            "active_requests": self.active,
             "error": self.error,
             "worker": self.host.memory(),
             "placement": self.placement,

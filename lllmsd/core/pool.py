@@ -16,6 +16,10 @@ for the request at the head of the queue, is, in order:
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
   4. the least recently used idle instance, its context reset;
   5. otherwise, wait.
+A model whose instances serve several requests at once (llama-cpp's ``slots``) hands out an instance
+while it has a free slot: steps 0-2 consider busy instances with a free slot as well as idle ones, and
+before step 3 a busy instance with a free slot (the one serving fewest) is shared rather than a new one
+loaded: filling the slots of a loaded instance costs nothing, a load costs seconds.
 Waiters are served strictly first in, first out. Instances idle for ``ttl`` seconds are disposed (never
 below ``min_instances``) and waiters past ``queue_timeout`` are failed, both by ``reap()``, which the
 runtime calls periodically and tests call after moving an injected clock. After a failed load the pool
@@ -299,7 +303,12 @@ class ModelPool:
             log.warning("%s: instance %s failed (%s); replacing it", self.model_id, instance.id, instance.error)
             self._last_error = instance.error
             self._discard(instance)
-        elif self.config.ttl == 0 and len(self.instances) > self.config.min_instances and not self._waiters:
+        elif (
+            self.config.ttl == 0
+            and instance.state is InstanceState.IDLE  # not while other requests run on its slots
+            and len(self.instances) > self.config.min_instances
+            and not self._waiters
+        ):
             self._discard(instance)
         self._idle_changed.set()
         self.dispatch()
@@ -328,9 +337,9 @@ class ModelPool:
             instance.reserve(waiter.session)
             waiter.future.set_result(instance)
         waiters = sum(1 for w in self._waiters if not w.future.done())
-        coming = sum(1 for i in self.instances if i.state is InstanceState.LOADING)
+        coming = sum(i.slots for i in self.instances if i.state is InstanceState.LOADING)
         if out_of_slots:  # idle instances will serve these once slots free: no need to load more
-            coming += sum(1 for _ in self._idle())
+            coming += sum(i.slots - i.active for i in self._available())
         unserved = waiters - coming
         while unserved > 0 and self._can_grow():
             self._spawn()
@@ -338,7 +347,7 @@ class ModelPool:
         self._drop_unneeded_loads(-unserved)
 
     def _choose(self, wanted: Context, session: str | None = None) -> ModelInstance | None:
-        idle = list(self._idle())
+        idle = list(self._available())  # idle, or (slots) busy with a free slot
         if not idle:
             return None
         if session is not None and (own := next((i for i in idle if i.session == session), None)):
@@ -352,6 +361,9 @@ class ModelPool:
         fresh = [i for i in idle if _is_fresh(i)]
         if fresh:
             return fresh[0]
+        shared = [i for i in idle if i.state is InstanceState.BUSY]
+        if shared:
+            return min(shared, key=lambda i: i.active)
         if self._can_grow() and self._room_for_another():
             return None
         lru = min(idle, key=lambda i: i.last_used)
@@ -360,6 +372,10 @@ class ModelPool:
 
     def _idle(self) -> Iterator[ModelInstance]:
         return (i for i in self.instances if i.state is InstanceState.IDLE)
+
+    def _available(self) -> Iterator[ModelInstance]:
+        """Instances that may take a request now: idle ones, and busy ones with a free slot."""
+        return (i for i in self.instances if i.has_free_slot)
 
     def _can_grow(self) -> bool:
         return not self._closing and len(self.instances) < self.config.max_instances and self.retry_in <= 0

@@ -19,7 +19,9 @@ What an engine can do is declared once, on its class, and everything else reads 
 
 Threading rule: every method of one engine object, the constructor included, is called from that
 instance's own worker thread, one call at a time. An engine therefore needs no locks of its own; it must
-check ``cancel`` between tokens and stop within one token once it is set.
+check ``cancel`` between tokens and stop within one token once it is set. The exception is an engine that
+sets ``concurrency`` above 1 (llama-cpp with ``slots``): its generation methods are then called from up to
+that many threads at once, and it guards what they share itself.
 
 Engines raise ``lllmsd.errors`` exceptions for problems with a request (``ContextLengthExceeded``,
 ``UnsupportedParameter``, ``InvalidRequest``); any other exception means the engine is in an unknown state
@@ -79,6 +81,9 @@ class Engine:
     # loaded (the config's context_size, or what the engine read from the weights); GET / and the KV-cache
     # metric report it
     context_size: int | None = None
+    # how many calls the engine runs at once; set by the constructor of an engine that serves several
+    # requests on one instance (the pool hands it that many: the config's ``slots``)
+    concurrency: int = 1
 
     def __init__(self, config: Any, files: ModelFiles) -> None:
         self.config = config

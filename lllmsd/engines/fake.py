@@ -124,6 +124,8 @@ class FakeEngine(TextEngine, EmbeddingEngine, TranscriptionEngine, SpeechEngine,
         if config.fail_on_load:
             raise FakeEngineFailure("fake engine: fail_on_load is set")
         self.context_size = config.context_size or DEFAULT_CONTEXT
+        # ``slots`` requests at once; their cache bookkeeping is then one list, the last request's
+        self.concurrency = config.slots
         self.cached: list[str] = []  # the tokens "in the KV cache"
         self.closed = False
 

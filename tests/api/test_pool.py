@@ -143,6 +143,61 @@ async def test_ttl_zero_disposes_at_once_and_minus_one_never(start_app: AppFacto
     assert states(client, "never") == ["idle"]
 
 
+# ---------------------------------------------------------------------------------------- slots
+
+
+async def test_an_instance_with_slots_serves_that_many_requests_at_once(start_app: AppFactory) -> None:
+    probe = Probe(gated=True)
+    config = make_config({"chat": fake_model(max_instances=1, slots=2)}, concurrency=8)
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    requests = [asyncio.ensure_future(chat(client, user(f"r{i}"))) for i in range(3)]
+    await eventually(lambda: probe.active == 2)
+    await asyncio.sleep(0.05)  # give a wrongly admitted third call the chance to show up
+    assert probe.active == 2
+    model = (await status(client))["models"]["chat"]
+    assert model["waiting"] == 1
+    assert [(i["state"], i["slots"], i["active_requests"]) for i in model["instances"]] == [("busy", 2, 2)]
+    probe.gate.set()
+    results = await asyncio.gather(*requests)
+    assert [(code, body["choices"][0]["message"]["content"]) for code, body, _ in results] == [
+        (200, f"r{i}") for i in range(3)
+    ]
+    assert (probe.created, probe.peak) == (1, 2)
+    assert states(client) == ["idle"]
+
+
+async def test_slots_fill_before_another_instance_loads(start_app: AppFactory) -> None:
+    probe = Probe(gated=True)
+    config = make_config({"chat": fake_model(max_instances=2, slots=2)}, concurrency=8)
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    requests = [asyncio.ensure_future(chat(client, user("r0")))]
+    await eventually(lambda: probe.active == 1)
+    requests.append(asyncio.ensure_future(chat(client, user("r1"))))
+    await eventually(lambda: probe.active == 2)
+    assert probe.created == 1  # the second request took the loaded instance's free slot
+    requests.append(asyncio.ensure_future(chat(client, user("r2"))))
+    await eventually(lambda: probe.active == 3)
+    assert probe.created == 2  # no slot free: a second instance loaded
+    probe.gate.set()
+    assert [code for code, _, _ in await asyncio.gather(*requests)] == [200] * 3
+
+
+async def test_ttl_zero_keeps_an_instance_while_any_of_its_slots_serves(start_app: AppFactory) -> None:
+    probe = Probe()
+    config = make_config({"chat": fake_model(ttl=0, max_instances=1, slots=2, token_delay=0.02)})
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    long_text = " ".join(["word"] * 40)
+    long = asyncio.ensure_future(chat(client, user(long_text)))
+    await eventually(lambda: probe.active == 1)
+    code, body, _ = await chat(client, user("short"))
+    assert (code, body["choices"][0]["message"]["content"]) == (200, "short")
+    assert states(client) == ["busy"]  # the long answer still runs on it: not disposed
+    code, body, _ = await long
+    assert (code, body["choices"][0]["message"]["content"]) == (200, long_text)
+    await eventually(lambda: probe.closed == 1)
+    assert states(client) == []
+
+
 # -------------------------------------------------------------------------------------- waiting
 
 

@@ -57,6 +57,16 @@ TEXT_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
         "location": str(model_path("smollm2")),
         "device": {"threads": 1, "batch_threads": 1},  # ggml's spin-waiting crawls on busy shared cores
     },
+    # the same engine with two slots: every job goes through a sequence of a shared context, its steps
+    # through rounds (engines/llama_cpp/rounds.py), and the worker runs calls on threads of their own
+    "llama-cpp-slots": lambda: {
+        "task": "text-completion",
+        "engine": "llama-cpp",
+        "location": str(model_path("smollm2")),
+        "slots": 2,
+        "context_size": 2048,
+        "device": {"threads": 1, "batch_threads": 1},
+    },
     "gpt4all": lambda: {
         "task": "text-completion",
         "engine": "gpt4all",

@@ -104,9 +104,9 @@ def declared(engine: str) -> frozenset[Feature]:
     return engine_class(engine).features
 
 
-def engine_class(engine: str) -> type[Engine]:
-    config = model_config(TEXT_MODELS[engine]())
-    return builtin_engines()[engine].class_for(config.task)
+def engine_class(subject: str) -> type[Engine]:
+    config = model_config(TEXT_MODELS[subject]())
+    return builtin_engines()[config.engine].class_for(config.task)
 
 
 def supporting(feature: Feature) -> pytest.MarkDecorator:

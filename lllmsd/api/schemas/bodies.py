@@ -454,6 +454,8 @@ class InstanceStatus(_Body):
     age_seconds: float
     idle_seconds: float
     requests_served: int
+    slots: int = Field(description="Requests the instance serves at once (the model's `slots`; 1 for most).")
+    active_requests: int = Field(description="Requests it is serving now (0 when idle).")
     error: str | None
     isolation: Literal["process", "thread"] = Field(description="Where the engine runs.")
     worker: WorkerStatus | None = Field(description="The worker process (isolation: process), while it lives.")

@@ -7,8 +7,10 @@ parser, an abort, the OOM killer), only this process dies.
 
 Threads: the main thread loads the engine and runs one call at a time; a reader thread receives the
 daemon's messages, queues calls for the main thread and sets the running call's cancel event when a
-Cancel arrives. Only the main thread sends, so frames never interleave. The worker exits when the daemon
-closes its end, and dies with the daemon (PR_SET_PDEATHSIG) if the daemon is killed.
+Cancel arrives. An engine that serves several requests at once (``concurrency`` above 1: llama-cpp with
+``slots``) gets a thread per call instead, and the pool sends it at most that many. Frames are sent under
+``_sending``, so they never interleave. The worker exits when the daemon closes its end (after its calls
+have stopped), and dies with the daemon (PR_SET_PDEATHSIG) if the daemon is killed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ STREAMING = frozenset({"chat", "complete", "transcribe", "speak"})
 COLLECTED_FRAME_EVENTS = 64  # events per frame of a collected answer: ~0.8 s of SmolLM2 tokens on 2 cores
 STREAM_WINDOW = 0.02  # seconds: a streamed event sent sooner than this after the last frame waits for the next
 PR_SET_PDEATHSIG = 1
+CALL_STOP_SECONDS = 30.0  # how long the end of the worker waits for calls on threads of their own to stop
 
 
 class Worker:
@@ -62,13 +65,22 @@ class Worker:
         self.calls: queue.Queue[Call | None] = queue.Queue()
         self.cancels: dict[int, threading.Event] = {}
         self.lock = threading.Lock()  # guards cancels, shared by the reader and the main thread
+        self._sending = threading.Lock()  # one frame at a time on the channel
+        self._call_threads: set[threading.Thread] = set()  # calls running on threads of their own
 
     def serve(self) -> None:
         self._load(self._first_message())
         threading.Thread(target=self._read, name="lllmsd-worker-reader", daemon=True).start()
         while (call := self.calls.get()) is not None:
             self._run(call)
+        for thread in list(self._call_threads):  # cancelled by the reader: each stops within one token
+            thread.join(CALL_STOP_SECONDS)
         self._close_engine()
+
+    @property
+    def concurrency(self) -> int:
+        """Calls the engine runs at once (1 unless it says otherwise)."""
+        return int(getattr(self.engine, "concurrency", 1) or 1)
 
     def _first_message(self) -> Load:
         message = self.channel.receive()
@@ -99,7 +111,10 @@ class Worker:
                 if isinstance(message, Call):
                     with self.lock:
                         self.cancels[message.call_id] = threading.Event()
-                    self.calls.put(message)
+                    if self.concurrency > 1:
+                        self._start_call_thread(message)
+                    else:
+                        self.calls.put(message)
                 elif isinstance(message, Cancel):
                     with self.lock:
                         event = self.cancels.get(message.call_id)
@@ -113,6 +128,21 @@ class Worker:
                 event.set()
         self.calls.put(None)
 
+    def _start_call_thread(self, call: Call) -> None:
+        thread = threading.Thread(target=self._run_on_thread, args=(call,), name=f"lllmsd-call-{call.call_id}")
+        with self.lock:
+            self._call_threads.add(thread)
+        thread.start()
+
+    def _run_on_thread(self, call: Call) -> None:
+        try:
+            self._run(call)
+        except ChannelClosed:
+            pass  # the daemon is gone: the reader ends the worker
+        finally:
+            with self.lock:
+                self._call_threads.discard(threading.current_thread())
+
     def _run(self, call: Call) -> None:
         with self.lock:
             cancel = self.cancels[call.call_id]
@@ -121,14 +151,16 @@ class Worker:
             if call.method in STREAMING:
                 events: Iterator[Any] = method(call.job, cancel)
                 # only a chat job says whether its client collects the answer; every other one streams
-                self._send_events(call.call_id, events, cancel, stream=getattr(call.job, "stream", True))
-                self.channel.send(Finished(call.call_id))
+                with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
+                    # closed at once, not when collected: an engine gives back what the call held (a slot)
+                    self._send_events(call.call_id, events, cancel, stream=getattr(call.job, "stream", True))
+                self._send(Finished(call.call_id))
             else:
-                self.channel.send(Returned(call.call_id, method(call.job)))
+                self._send(Returned(call.call_id, method(call.job)))
         except ChannelClosed:
             raise
         except BaseException as exc:
-            self.channel.send(Raised(call.call_id, _reportable(exc)))
+            self._send(Raised(call.call_id, _reportable(exc)))
         finally:
             with self.lock:
                 self.cancels.pop(call.call_id, None)
@@ -162,10 +194,14 @@ class Worker:
 
     def _send_frame(self, call_id: int, pending: list[Any]) -> None:
         if len(pending) == 1:
-            self.channel.send(Emitted(call_id, pending[0]))
+            self._send(Emitted(call_id, pending[0]))
         elif pending:
-            self.channel.send(EmittedMany(call_id, tuple(pending)))
+            self._send(EmittedMany(call_id, tuple(pending)))
         pending.clear()
+
+    def _send(self, message: object) -> None:
+        with self._sending:
+            self.channel.send(message)
 
     def _close_engine(self) -> None:
         if self.engine is not None:

@@ -6,7 +6,12 @@ removes the KV tail, refills a 1-token batch field by field through ctypes and c
 own array. Here one step is one ``llama_decode`` of a batch made once (``llama_batch_get_one`` over a
 1-token array: llama.cpp places it after what the sequence holds and computes logits for it alone).
 
-Concurrency: an instance runs one job at a time (the pool's rule); nothing here is thread-safe.
+An instance with ``slots: N`` (N > 1) holds N sequences in one context, each a ``SequenceContext``
+driven by one request at a time; their steps go through ``Rounds`` (rounds.py), which evaluates the steps
+of all of them in one ``llama_decode``.
+
+Concurrency: a ``Context`` serves one job at a time (the pool's rule for an instance of one slot), a
+``SequenceContext`` one job at a time (the engine's slot picker's rule); neither is thread-safe itself.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import threading
 
 import llama_cpp
 import numpy as np
+
+from lllmsd.engines.llama_cpp.rounds import Rounds, Step
 
 # llama_decode's return codes (llama.h): 1 = no room in the KV cache for the batch, 2 = aborted.
 DECODE_NO_ROOM = 1
@@ -78,6 +85,11 @@ class Context:
         self._held[self.held] = token
         self.held += 1
 
+    def step_and_sample(self, token: int, sampler: ctypes.c_void_p) -> int:
+        """Evaluate ``token``, then sample the next one by ``sampler``."""
+        self.step(token)
+        return self.sample(sampler)
+
     def logits(self, n_vocab: int) -> np.ndarray:
         """The last evaluated position's logits (a view into llama.cpp's buffer, valid until the next
         decode)."""
@@ -88,6 +100,9 @@ class Context:
         accepts it)."""
         return llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
 
+    def leave(self) -> None:
+        """The job on this context ended (a context of its own waits for nobody: nothing to do)."""
+
     def _decode(self, batch: llama_cpp.llama_batch, count: int) -> None:
         if self.held + count > self.size:
             raise DecodeFailed(f"the context of {self.size} tokens is full")
@@ -97,3 +112,99 @@ class Context:
             llama_cpp.llama_memory_seq_rm(self._memory, -1, self.held, -1)
             reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
             raise DecodeFailed(f"llama_decode failed: {reason}")
+
+
+class SequenceContext(Context):
+    """Sequence ``seq`` of a context shared by several slots: the same operations as ``Context``, each
+    step evaluated in a round with the other sequences' steps (rounds.py)."""
+
+    def __init__(self, llama: llama_cpp.Llama, seq: int, size: int, rounds: Rounds) -> None:
+        self._ctx = llama.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.seq = seq
+        self.size = size  # this sequence's share of the context
+        # a prompt chunk leaves room in the batch for every other slot's token of the same round
+        self.batch_size = max(1, rounds.batch_size - (llama_cpp.llama_n_seq_max(self._ctx) - 1))
+        self._rounds = rounds
+        self._held = np.zeros(self.size, dtype=np.intc)
+        self.held = 0
+        self._index = -1  # where this sequence's last logits are in its last round's output
+
+    def truncate(self, keep: int) -> None:
+        if keep >= self.held:
+            return
+        if not llama_cpp.llama_memory_seq_rm(self._memory, self.seq, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, self.seq, -1, -1)
+            keep = 0
+        self.held = keep
+
+    def feed(self, tokens: list[int], cancel: threading.Event | None) -> bool:
+        for start in range(0, len(tokens), self.batch_size):
+            if cancel is not None and cancel.is_set():
+                return False
+            self._submit(tokens[start : start + self.batch_size])
+        return True
+
+    def step(self, token: int) -> None:
+        self._submit([token])
+
+    def step_and_sample(self, token: int, sampler: ctypes.c_void_p) -> int:
+        # sampled by the decode thread as soon as the round is evaluated (rounds.py)
+        return self._submit([token], sampler).sampled
+
+    def leave(self) -> None:
+        """The request on this sequence ended: rounds no longer wait for it."""
+        self._rounds.leave(self.seq)
+
+    def logits(self, n_vocab: int) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, self._index), shape=(n_vocab,))
+
+    def sample(self, sampler: ctypes.c_void_p) -> int:
+        with self._rounds.sampling:  # another member may be sampling after its own prompt
+            return llama_cpp.llama_sampler_sample(sampler, self._ctx, self._index)
+
+    def _submit(self, tokens: list[int], sampler: ctypes.c_void_p | None = None) -> Step:
+        if self.held + len(tokens) > self.size:
+            raise DecodeFailed(f"the context of {self.size} tokens is full")
+        step = self._rounds.submit(self.seq, tokens, self.held, sampler)
+        self._index = step.index
+        self._held[self.held : self.held + len(tokens)] = tokens
+        self.held += len(tokens)
+        return step
+
+
+class SharedBatch:
+    """The batch a round is evaluated in (``Rounds``' decode): every step's tokens at their positions in
+    their sequences, logits for each step's last token."""
+
+    def __init__(self, llama: llama_cpp.Llama, batch_size: int) -> None:
+        self._ctx = llama.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(batch_size, 0, 1)
+
+    def decode(self, steps: list[Step]) -> None:
+        batch = self._batch
+        count = 0
+        for step in steps:
+            last = len(step.tokens) - 1
+            for offset, token in enumerate(step.tokens):
+                batch.token[count] = token
+                batch.pos[count] = step.position + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = step.seq
+                batch.logits[count] = offset == last
+                count += 1
+            step.index = count - 1  # llama_get_logits_ith takes the token's place in the batch
+        batch.n_tokens = count
+        code = llama_cpp.llama_decode(self._ctx, batch)
+        if code != 0:
+            for step in steps:  # forget whatever llama.cpp may have kept of the round
+                llama_cpp.llama_memory_seq_rm(self._memory, step.seq, step.position, -1)
+            reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
+            raise DecodeFailed(f"llama_decode failed: {reason}")
+        for step in steps:  # on the decode thread, before anyone is woken: no lock needed
+            if step.sampler is not None:
+                step.sampled = llama_cpp.llama_sampler_sample(step.sampler, self._ctx, step.index)
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self._batch)

@@ -19,7 +19,14 @@ from llama_cpp import _internals as internals
 
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.engines.base import ModelFiles
-from lllmsd.engines.llama_cpp.placement import NO_GPU_BACKEND, SPLIT_MODES, capture_load_log, ggml_type, placement
+from lllmsd.engines.llama_cpp.placement import (
+    NO_GPU_BACKEND,
+    SPLIT_MODES,
+    capture_load_log,
+    forget_context_buffers,
+    ggml_type,
+    placement,
+)
 from lllmsd.engines.llama_cpp.threads import default_batch_threads, default_threads
 from lllmsd.errors import InvalidRequest
 
@@ -39,10 +46,11 @@ def load_llama(
     path = str(files.path)
     context = config.context_size or default_context(path, DEFAULT_EMBEDDING_CONTEXT if embedding else DEFAULT_CONTEXT)
     batch, ubatch = batch_sizes(config, context, embedding=embedding)
+    slots = 1 if embedding else config.slots
     with capture_load_log() as lines:
         llama = llama_cpp.Llama(
             path,
-            n_ctx=context,
+            n_ctx=context * slots,
             n_batch=batch,
             n_ubatch=ubatch,
             n_threads=config.device.threads or default_threads(config.max_instances),
@@ -61,9 +69,24 @@ def load_llama(
             use_mlock=config.use_mlock,
             verbose=False,
         )
+        if slots > 1:
+            forget_context_buffers(lines)  # the context they describe is about to be replaced
+            share_context(llama, slots)
     report = placement(llama, config.gpu_layers, lines)
     log.info("llama-cpp: loaded %s (context %d)", path, llama.n_ctx())
     return llama, report
+
+
+def share_context(llama: llama_cpp.Llama, slots: int) -> None:
+    """Give ``llama`` a context of ``slots`` sequences, each with an equal share of its n_ctx (one KV cache per
+    sequence, not one unified cache: a sequence can never take another's room). llama-cpp-python's ``Llama``
+    makes a context of one sequence for generation and has no parameter for more, so its context is freed
+    and made again with the same parameters and ``n_seq_max``."""
+    params = llama.context_params
+    params.n_seq_max = slots
+    params.kv_unified = False
+    llama._ctx.close()  # before the new one: the two KV caches are never held at once
+    llama._ctx = internals.LlamaContext(model=llama._model, params=params, verbose=False)
 
 
 def gpu_warnings(config: LlamaCppModelConfig) -> list[tuple[str, str]]:

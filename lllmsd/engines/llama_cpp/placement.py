@@ -56,6 +56,12 @@ def capture_load_log() -> Iterator[list[str]]:
             lines.extend("".join(pending).splitlines())
 
 
+def forget_context_buffers(lines: list[str]) -> None:
+    """Drop the lines of a context's buffers (KV, compute, output) logged so far, keeping the model's: the
+    context they describe was freed and replaced (model.py: ``share_context``)."""
+    lines[:] = [line for line in lines if not ((m := _BUFFER.search(line)) and m["kind"] != "model")]
+
+
 def buffers(lines: list[str]) -> dict[str, int]:
     """Bytes per buffer llama.cpp allocated, e.g. {"CPU_Mapped model": 96575488, "CPU KV": 23592960}."""
     found: dict[str, int] = {}
@@ -83,7 +89,7 @@ def placement(llama: llama_cpp.Llama, gpu_layers: int, lines: list[str]) -> dict
         "gpu_backend": gpu,
         "layers_offloaded": offloaded,
         "layers_total": int(offload["total"]) if offload else total,
-        "context_size": llama.n_ctx(),
+        "context_size": llama_cpp.llama_n_ctx_seq(llama.ctx),  # each slot's, when slots share the context
         "cache_type_k": _type_name(llama.context_params.type_k),
         "cache_type_v": _type_name(llama.context_params.type_v),
         "flash_attn": llama.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -34,7 +34,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from lllmsd.core.jobs import Sampling, TokenLogprob, TopLogprob
-from lllmsd.engines.llama_cpp.context import Context
+from lllmsd.engines.llama_cpp.context import Context, SequenceContext
 from lllmsd.errors import InvalidRequest
 
 DEFAULT_TOP_K = 40
@@ -84,10 +84,13 @@ class Decoder:
     (the whole chain runs in C), a dictionary lookup for the token's bytes and one for whether it ends
     the answer. Logits are read in Python only for logprobs."""
 
-    def __init__(self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = (), context: SequenceContext | None = None
+    ) -> None:
         self._model = llama._model
         self._vocab = llama._model.vocab
-        self._context = Context(llama)
+        # the instance's own context, or one sequence of a context its slots share (slots.py)
+        self._context = context if context is not None else Context(llama)
         self.context_size = self._context.size
         self.n_vocab = llama.n_vocab()
         # Control tokens that must come out as their text: markers a model family writes as one special
@@ -103,6 +106,14 @@ class Decoder:
         return self._context.held
 
     # ------------------------------------------------------------------------------------- KV cache
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many leading ``tokens`` the context already holds."""
+        return self._context.common_prefix(tokens)
+
+    def leave(self) -> None:
+        """The job on this decoder ended (a sequence of a shared context stops taking part in rounds)."""
+        self._context.leave()
 
     def evaluate(self, tokens: list[int], cancel: threading.Event | None, *, keep_last: bool = True) -> int | None:
         """Make the context hold ``tokens``, reusing the longest cached prefix; returns how many prompt
@@ -139,9 +150,8 @@ class Decoder:
                     return
                 if out_of_time():
                     break  # the request's time budget is spent: it ends like max_tokens ("length")
-                if position:
-                    context.step(token)  # only now: a token nobody asks to continue stays unevaluated
-                token = context.sample(sampler)
+                # a sampled token is evaluated only now: one nobody asks to continue stays unevaluated
+                token = context.step_and_sample(token, sampler) if position else context.sample(sampler)
                 end = ends.get(token)
                 if end is None:
                     end = ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -27,6 +27,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
+import llama_cpp
+
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import (
     ChatJob,
@@ -40,6 +42,7 @@ from lllmsd.core.jobs import (
     ToolSpec,
 )
 from lllmsd.engines.base import ModelFiles, TextEngine
+from lllmsd.engines.llama_cpp.context import SequenceContext, SharedBatch
 from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
 from lllmsd.engines.llama_cpp.generate import ChatText, ToolRun, best_of, generate
 from lllmsd.engines.llama_cpp.grammar import (
@@ -52,7 +55,9 @@ from lllmsd.engines.llama_cpp.grammar import (
 from lllmsd.engines.llama_cpp.model import load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
 from lllmsd.engines.llama_cpp.resources import LlamaResources
+from lllmsd.engines.llama_cpp.rounds import Rounds
 from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
+from lllmsd.engines.llama_cpp.slots import Slots
 from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 
@@ -82,11 +87,31 @@ class LlamaCppTextEngine(LlamaResources, TextEngine):
         super().__init__(config, files)
         self._llama, self._placement = load_llama(config, files, embedding=False)
         self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
-        self._decoder = Decoder(self._llama, self._prompt.tools.shown_markers)
+        self._shared_batch: SharedBatch | None = None
+        self._rounds: Rounds | None = None
+        self._slots = Slots(self._decoders(config.slots))
+        self._decoder = self._slots.decoders[0]  # for what does not touch the context (vocabulary checks)
         self.context_size = self._decoder.context_size
+        self.concurrency = config.slots  # calls the worker may run at once (each on a slot of its own)
+        self._placement["slots"] = config.slots
+
+    def _decoders(self, slots: int) -> list[Decoder]:
+        markers = self._prompt.tools.shown_markers
+        if slots == 1:
+            return [Decoder(self._llama, markers)]
+        batch = self._shared_batch = SharedBatch(self._llama, self._llama.n_batch)
+        rounds = self._rounds = Rounds(batch.decode, self._llama.n_batch)
+        size = llama_cpp.llama_n_ctx_seq(self._llama.ctx)
+        return [Decoder(self._llama, markers, SequenceContext(self._llama, seq, size, rounds)) for seq in range(slots)]
 
     def close(self) -> None:
         llama, self._llama = self._llama, None
+        if self._rounds is not None:
+            self._rounds.close()
+            self._rounds = None
+        if self._shared_batch is not None:
+            self._shared_batch.close()
+            self._shared_batch = None
         if llama is not None:
             llama.close()
 
@@ -180,8 +205,9 @@ class LlamaCppTextEngine(LlamaResources, TextEngine):
         if not tokens:
             return 0
         self._check_context(tokens, "preload")
-        self._decoder.evaluate(tokens, None, keep_last=False)
-        return self._decoder.held_tokens
+        with self._slots.take(tokens) as decoder:
+            decoder.evaluate(tokens, None, keep_last=False)
+            return decoder.held_tokens
 
     def chat(self, job: ChatJob, cancel: threading.Event) -> Iterator[GenerationEvent]:
         # built at admission (check_job); built here for callers that bypass it: the plan assumes it
@@ -211,7 +237,8 @@ class LlamaCppTextEngine(LlamaResources, TextEngine):
             thinking=rendered.thinking,
             tokenize=lambda text: tokenize(self._llama, text, add_bos=False),
         )
-        yield from generate(self._decoder, prompt, plan, job.n, cancel, tools=tools, chat=chat)
+        with self._slots.take(prompt) as decoder:
+            yield from generate(decoder, prompt, plan, job.n, cancel, tools=tools, chat=chat)
 
     def _tool_run(self, job: ChatJob, plan: Plan, compiled: CompiledGrammars) -> ToolRun:
         chosen = _chosen_tools(job)
@@ -242,10 +269,11 @@ class LlamaCppTextEngine(LlamaResources, TextEngine):
             text_offset=len(job.prompt) if job.echo else 0,
         )
         prefix = job.prompt if job.echo else None
-        if job.best_of is not None and job.best_of > job.n:
-            yield from best_of(self._decoder, prompt, plan, job.n, job.best_of, cancel, prefix)
-        else:
-            yield from generate(self._decoder, prompt, plan, job.n, cancel, prefix=prefix)
+        with self._slots.take(prompt) as decoder:
+            if job.best_of is not None and job.best_of > job.n:
+                yield from best_of(decoder, prompt, plan, job.n, job.best_of, cancel, prefix)
+            else:
+                yield from generate(decoder, prompt, plan, job.n, cancel, prefix=prefix)
 
     def _completion_prompt(self, job: CompletionJob) -> list[int]:
         if job.suffix is None:

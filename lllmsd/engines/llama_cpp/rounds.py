@@ -1,0 +1,141 @@
+"""Rounds: the steps of several sequences of one llama.cpp context, evaluated together.
+
+An instance with ``slots: N`` serves up to N requests at once, each on a sequence of its own in one
+context. Each step of each sequence (a chunk of its prompt, or the token it sampled last) is submitted
+here, and one ``llama_decode`` evaluates the steps of every sequence in a round: the weights are read once
+per round instead of once per sequence, which is where batching wins on a CPU.
+
+The rule that makes it safe: a round runs only once every member (a sequence taking part) has submitted
+its next step. A member samples from the logits of its last round, and those logits are valid only until
+the next ``llama_decode``; since that decode waits for the member's next submission, the member has
+finished sampling by then. A request becomes a member at its first submission and stays one until its
+slot is given back (``leave``), so it must not wait on anything else between submissions.
+
+Who decodes: one thread of its own, always the same. ggml's CPU backend runs a decode on an OpenMP team
+that belongs to the calling thread, and a team that just finished spins for a while before it sleeps: with
+the decoding thread changing every round, the teams of earlier rounds spun on the cores the current one
+needed, and a round of four tokens took 2.4 times as long (measured on SmolLM2, 2 cores). Steps that do
+not fit in one batch (two prompts' chunks at once) stay queued in the order they came and go first in the
+next round.
+
+Concurrency: every public method may be called from any thread; ``_lock`` guards members, the queue and
+``_closed``, and ``_work`` (on that lock) wakes the decode thread when a round may be ready. The decode runs
+without the lock, on the decode thread only, so rounds never overlap. Each step has an event of its own
+that wakes its one submitter: waking every waiter on every submission cost more than the decode at four
+slots.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False, slots=True)
+class Step:
+    """One sequence's part of a round: ``tokens`` from ``position`` on; the decode sets ``index`` (where
+    the last token's logits are in the round's output) or ``error``, and with a ``sampler`` (a llama.cpp
+    sampler chain) the next token sampled from those logits, ``sampled``."""
+
+    seq: int
+    tokens: Sequence[int]
+    position: int
+    sampler: Any = None
+    index: int = -1
+    sampled: int = -1
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+# evaluates the steps as one batch; sets each step's index, and samples the steps that carry a sampler
+DecodeRound = Callable[[list[Step]], None]
+
+
+class Rounds:
+    def __init__(self, decode: DecodeRound, batch_size: int) -> None:
+        self._decode = decode
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._members: set[int] = set()
+        self._queue: list[Step] = []
+        self._closed = False
+        # Sampling reads and writes state of the llama.cpp context: two threads must not sample at once.
+        # Steps are sampled by the decode thread; a member samples itself only after a prompt (whose
+        # logits came without a sampler), under this lock.
+        self.sampling = threading.Lock()
+        self.rounds_run = 0  # how many decodes ran (the batching is visible in tests)
+        self._thread = threading.Thread(target=self._run, name="lllmsd-rounds", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: int, tokens: Sequence[int], position: int, sampler: Any = None) -> Step:
+        """Evaluate ``tokens`` (at most ``batch_size``) after ``position`` in sequence ``seq``, in the next
+        round, and sample the next token by ``sampler`` if one is given; blocks until it ran. Returns the
+        step (its ``index`` and ``sampled``); raises what the decode raised. The caller becomes a member if
+        it was not one."""
+        if not 0 < len(tokens) <= self.batch_size:
+            raise ValueError(f"a step takes 1 to {self.batch_size} tokens, not {len(tokens)}")
+        step = Step(seq, tokens, position, sampler)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the context is closed")
+            self._members.add(seq)
+            self._queue.append(step)
+            if self._ready():
+                self._work.notify()
+        step.done.wait()
+        if step.error is not None:
+            raise step.error
+        return step
+
+    def leave(self, seq: int) -> None:
+        """``seq`` takes no further part (its request ended); a round that waited only for it runs now."""
+        with self._lock:
+            self._members.discard(seq)
+            if self._ready():
+                self._work.notify()
+
+    def close(self) -> None:
+        """Stop the decode thread; steps still queued fail."""
+        with self._lock:
+            self._closed = True
+            self._work.notify()
+        self._thread.join()
+
+    def _ready(self) -> bool:
+        """Under the lock: whether every member has a step queued."""
+        return bool(self._queue) and len({step.seq for step in self._queue}) >= len(self._members)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._ready():
+                    self._work.wait()
+                if self._closed:
+                    batch, self._queue = self._queue, []
+                    for step in batch:
+                        step.error = RuntimeError("the context is closed")
+                        step.done.set()
+                    return
+                batch = self._take_batch()
+            try:
+                self._decode(batch)
+            except BaseException as exc:
+                for step in batch:
+                    step.error = exc
+            self.rounds_run += 1
+            for step in batch:
+                step.done.set()
+
+    def _take_batch(self) -> list[Step]:
+        """Under the lock: the queued steps that fit in one batch, in the order they came."""
+        batch, used = [], 0
+        for step in self._queue:
+            if used + len(step.tokens) > self.batch_size:
+                break  # the rest keep their place for the next round
+            batch.append(step)
+            used += len(step.tokens)
+        del self._queue[: len(batch)]
+        return batch

@@ -1,0 +1,61 @@
+"""An instance's slots: the decoders of its sequences, and which request holds each.
+
+With ``slots: 1`` (the default) an instance has one decoder on a context of its own, and the pool hands it
+to one request at a time. With ``slots: N`` the context holds N sequences (model.py: ``share_context``),
+each with a decoder of its own, and the pool hands the instance to up to N requests at once. Each takes a
+free slot for the whole of its job and gives it back at the end, when rounds (rounds.py) stop waiting for
+it. Which free slot: the one where the prompt's shared prefix saves the most against what it throws away,
+``shared - 2 x (held - shared)`` tokens, the least recently used among equals. A conversation's next turn
+so finds its own slot (it shares nearly all the slot holds, even when the answer's last tokens were
+rendered differently), and a new conversation that shares only a system prompt with a slot's takes an
+empty slot rather than evict that conversation: evicting it costs the other conversation a full prompt
+evaluation when it comes back, which is why what is thrown away counts double.
+
+Concurrency: ``take`` may be called from any thread (the worker runs each call of such an engine on a
+thread of its own); ``_lock`` guards the free list. A slot is used by the one thread that took it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from lllmsd.engines.llama_cpp.sampling import Decoder
+from lllmsd.errors import EngineError
+
+
+class Slots:
+    def __init__(self, decoders: list[Decoder]) -> None:
+        self.decoders = tuple(decoders)
+        self._free = list(decoders)
+        self._lock = threading.Lock()
+        self._used: dict[int, int] = {id(d): 0 for d in decoders}  # when each was last taken (a counter)
+        self._takes = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.decoders)
+
+    @contextlib.contextmanager
+    def take(self, prompt: list[int]) -> Iterator[Decoder]:
+        """A free slot for one job: the one holding the longest prefix of ``prompt``."""
+        with self._lock:
+            if not self._free:  # the pool hands an instance to at most ``slots`` requests
+                raise EngineError(f"all {self.count} slots of this instance are taken")
+            decoder = max(self._free, key=lambda d: self._preference(d, prompt))
+            self._free.remove(decoder)
+            self._takes += 1
+            self._used[id(decoder)] = self._takes
+        try:
+            yield decoder
+        finally:
+            decoder.leave()
+            with self._lock:
+                self._free.append(decoder)
+
+    def _preference(self, decoder: Decoder, prompt: list[int]) -> tuple[int, int]:
+        """Higher is better: (tokens saved less twice those thrown away, the least recently used)."""
+        shared = decoder.common_prefix(prompt)
+        thrown_away = decoder.held_tokens - shared
+        return shared - 2 * thrown_away, -self._used[id(decoder)]
