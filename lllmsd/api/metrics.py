@@ -273,10 +273,11 @@ def _load_metrics(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
         total = totals.setdefault(model_id, {"waiting": 0, "running": 0, "held": 0, "window": 0, "slots": 0})
         live = [i for i in pool["instances"] if i["state"] in _LIVE_STATES]
         total["waiting"] += pool["waiting"]
-        total["running"] += sum(1 for i in live if i["state"] == InstanceState.BUSY.value)
+        total["running"] += sum(i["active_requests"] for i in live)  # an instance with slots runs several
         total["held"] += sum(i["context_tokens"] for i in live)
         total["window"] = max([total["window"], *(i["context_size"] or 0 for i in live)])
-        total["slots"] += max(pool["max_instances"], len(live))
+        per_instance = max((i["slots"] for i in live), default=1)  # sequences (llama-cpp slots) per instance
+        total["slots"] += max(pool["max_instances"], len(live)) * per_instance
     for model_id, total in totals.items():
         waiting.add_metric([model_id], total["waiting"])
         running.add_metric([model_id], total["running"])
