@@ -440,9 +440,10 @@ class LlamaCppModelConfig(ModelBase):
         ge=1,
         le=64,
         description="Requests one instance serves at once (text generation): each on a sequence of its own with "
-        "context_size tokens, the tokens of all of them evaluated in one batch per step, as llama-server's "
-        "--parallel. More tokens per second for concurrent requests from one copy of the weights and one compute "
-        "buffer (each request gets fewer); the KV cache grows slots times. docs/operations.md says when to use it.",
+        "context_size tokens, the next tokens of all of them evaluated in one batch per step, as llama-server's "
+        "--parallel. Concurrent requests all start at once on one copy of the weights and one compute buffer, each at "
+        "a share of its speed; the KV cache grows slots times, and the daemon's `concurrency` cap counts each "
+        "request. docs/operations.md compares it with max_instances.",
     )
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic"] = Field(
         "auto",

@@ -179,3 +179,16 @@ async def test_load_gauges_with_the_meaning_inference_gateways_read(start_app: A
     cached = value(samples, "lllmsd_cached_prompt_tokens_total", model="chat")
     assert cached > 0  # the same prompt three times: the later ones found it cached
     assert value(samples, "lllmsd_evaluated_prompt_tokens_total", model="chat") == prompt - cached
+
+
+async def test_requests_running_counts_each_request_on_an_instance_with_slots(start_app: AppFactory) -> None:
+    probe = Probe(gated=True)
+    config = make_config({"chat": fake_model(max_instances=1, slots=3)}, concurrency=8)
+    client = await start_app(config, engines={"fake": probe.engine_class()})
+    body = {"model": "chat", "messages": FIRST}
+    running = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body)) for _ in range(2)]
+    await eventually(lambda: probe.active == 2)
+    samples = await scrape(client)
+    assert value(samples, "lllmsd_num_requests_running", model="chat") == 2  # one busy instance, two requests
+    probe.gate.set()
+    assert [r.status for r in await asyncio.gather(*running)] == [200, 200]

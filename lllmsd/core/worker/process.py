@@ -12,7 +12,8 @@ daemon guarantees with it:
   an engine echoes) becomes a log line of its own or floods the log.
 
 Concurrency rule: every method runs on the event loop thread. One call at a time per worker (the pool
-hands an instance to one request at a time); ``_calls`` routes the worker's answers to it.
+hands an instance to one request at a time), or up to ``slots`` for an engine that serves several at once;
+``_calls`` routes the worker's answers to each by its call id.
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ class SequenceContext(Context):
         self._rounds.leave(self.seq)
 
     def logits(self, n_vocab: int) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, self._index), shape=(n_vocab,))
+        with self._rounds.sampling:  # no member samples (which may touch the output) while the pointer is taken
+            pointer = llama_cpp.llama_get_logits_ith(self._ctx, self._index)
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,))
 
     def sample(self, sampler: ctypes.c_void_p) -> int:
         with self._rounds.sampling:  # another member may be sampling after its own prompt
@@ -202,7 +204,11 @@ class SharedBatch:
                 llama_cpp.llama_memory_seq_rm(self._memory, step.seq, step.position, -1)
             reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
             raise DecodeFailed(f"llama_decode failed: {reason}")
-        for step in steps:  # on the decode thread, before anyone is woken: no lock needed
+        # The first read of a round's logits puts llama.cpp's output rows back in batch order (it reorders
+        # them lazily, in place, after a batch it split by sequence): done here, on the decode thread,
+        # before anyone is woken, so the members' reads afterwards only read.
+        llama_cpp.llama_get_logits_ith(self._ctx, steps[-1].index)
+        for step in steps:  # sampled here too, before anyone is woken: no lock needed
             if step.sampler is not None:
                 step.sampled = llama_cpp.llama_sampler_sample(step.sampler, self._ctx, step.index)
 
