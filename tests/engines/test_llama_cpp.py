@@ -391,10 +391,12 @@ async def test_follow_up_turns_reuse_the_cache(smol: ModelInstance) -> None:
     assert two.usage.prompt_tokens - two.usage.cached_tokens < cold.usage.prompt_tokens // 2
 
 
-async def test_preload_fills_the_cache() -> None:
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_preload_fills_the_cache(slots: int) -> None:
+    """With slots, the preload fills one slot's sequence, and the first request finds it there."""
     system = "You are a pirate. Answer every question like a pirate would, with many pirate words."
     instance = await load_instance(
-        smollm2(preload={"messages": [{"role": "system", "content": system}]}), isolation="thread"
+        smollm2(preload={"messages": [{"role": "system", "content": system}]}, slots=slots), isolation="thread"
     )
     try:
         preloaded = instance.cached_tokens
@@ -418,6 +420,9 @@ async def test_default_threads_divide_the_cores_between_instances() -> None:
     assert (default_threads(2, cores=8), default_batch_threads(2, cores=8)) == (4, 4)
     assert (default_threads(3, cores=8), default_batch_threads(3, cores=8)) == (2, 2)
     assert (default_threads(4, cores=2), default_batch_threads(4, cores=2)) == (1, 1)
+    # An instance with slots decodes a token of each request per step: compute-bound, its whole share.
+    assert default_threads(1, cores=2, slots=4) == 2
+    assert default_threads(2, cores=8, slots=4) == 4
 
 
 async def test_threads_come_from_the_device_or_the_instance_count() -> None:

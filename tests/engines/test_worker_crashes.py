@@ -91,3 +91,27 @@ async def test_workers_of_one_gguf_share_its_weights(daemon: TestClient) -> None
     for worker in workers:
         assert worker["pss_bytes"] < worker["rss_bytes"]
     print("workers (rss, pss) MiB:", [(w["rss_bytes"] >> 20, w["pss_bytes"] >> 20) for w in workers])
+
+
+async def test_a_worker_with_slots_killed_mid_stream_fails_each_of_its_requests_clearly(aiohttp_client: Any) -> None:
+    """A crash costs every request on the instance's slots (docs/operations.md): each gets the error event
+    naming it, none hangs, and the next request is served by a new worker."""
+    config = parse_config({"models": {"chat": TEXT_MODELS["llama-cpp-slots"]()}, "concurrency": 4})
+    client = await aiohttp_client(create_app(config, reap_interval=None))
+    assert await (await stream(client, "chat", 2)).read()
+    (victim,) = await worker_pids(client, "chat")
+    doomed = [await stream(client, "chat", 200) for _ in range(2)]
+    for response in doomed:
+        for _ in range(3):  # a few tokens in, both on the one instance
+            assert (await response.content.readline()) is not None
+    status = await (await client.get("/")).json()
+    assert [i["active_requests"] for i in status["models"]["chat"]["instances"]] == [2]
+    os.kill(victim, signal.SIGKILL)
+    for response in doomed:
+        events = await sse_data(response)
+        assert events[-1]["error"]["code"] == "worker_died"
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert response.status == 200
+    assert (await worker_pids(client, "chat")) != [victim]

@@ -53,7 +53,7 @@ def load_llama(
             n_ctx=context * slots,
             n_batch=batch,
             n_ubatch=ubatch,
-            n_threads=config.device.threads or default_threads(config.max_instances),
+            n_threads=config.device.threads or default_threads(config.max_instances, slots=slots),
             n_threads_batch=config.device.batch_threads or default_batch_threads(config.max_instances),
             embedding=embedding,
             pooling_type=pooling if embedding else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
