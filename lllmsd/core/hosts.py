@@ -54,6 +54,12 @@ class EngineHost(Protocol):
     def memory(self) -> dict[str, int] | None: ...
 
 
+def closing_if_closable(events: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context that closes ``events`` on exit if it can be closed (a generator), so an engine's call that
+    stops early runs its cleanup at once, not when the generator is collected."""
+    return contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext(events)
+
+
 class _Done:
     pass
 
@@ -134,10 +140,12 @@ class ThreadHost:
 
         def work() -> None:
             try:
-                for event in function(job, cancel):
-                    if cancel.is_set():
-                        break
-                    put(event)
+                # closed at once when it stops early: an engine gives back what the call held (a slot)
+                with closing_if_closable(function(job, cancel)) as events:
+                    for event in events:
+                        if cancel.is_set():
+                            break
+                        put(event)
             except BaseException as exc:
                 put(_Failed(exc))
             else:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lllmsd.core.hosts import closing_if_closable
 from lllmsd.core.worker.protocol import (
     BlockingChannel,
     Call,
@@ -151,8 +152,7 @@ class Worker:
             if call.method in STREAMING:
                 events: Iterator[Any] = method(call.job, cancel)
                 # only a chat job says whether its client collects the answer; every other one streams
-                with contextlib.closing(events) if hasattr(events, "close") else contextlib.nullcontext():
-                    # closed at once, not when collected: an engine gives back what the call held (a slot)
+                with closing_if_closable(events):  # an engine gives back what the call held (a slot) at once
                     self._send_events(call.call_id, events, cancel, stream=getattr(call.job, "stream", True))
                 self._send(Finished(call.call_id))
             else:
