@@ -137,6 +137,8 @@ def config_check(config_path: Path) -> None:
     for model_id, model in loaded.models.items():
         for field, message in classes[model_id].config_warnings(model):
             click.echo(f"{config_path}: warning: models.{model_id}.{field}: {message}", err=True)
+    for path, message in loaded.warnings():
+        click.echo(f"{config_path}: warning: {path}: {message}", err=True)
     problems = min_instances_problems(loaded.models, classes, budget_bytes(loaded.memory_budget))
     if problems:
         click.echo(f"{config_path}: invalid config:", err=True)

@@ -722,6 +722,22 @@ class DaemonConfig(_Section):
             found += [(f"{prefix}.{field}" if field else prefix, msg) for field, msg in problems]
         return found
 
+    def warnings(self) -> list[tuple[str, str]]:
+        """What is valid but will not work as a reader of the file may expect, as (path, message):
+        ``lllmsd config check`` and the daemon's start print them."""
+        found = []
+        for model_id, model in self.models.items():
+            slots = getattr(model, "slots", 1)
+            if slots > self.concurrency:
+                found.append(
+                    (
+                        f"models.{model_id}.slots",
+                        f"{slots} slots, but the daemon's concurrency is {self.concurrency}: at most "
+                        f"{self.concurrency} of its requests run at once (raise concurrency to at least {slots})",
+                    )
+                )
+        return found
+
     def missing_engines(self, engines: EngineRegistry) -> list[tuple[str, str]]:
         """Models whose engine's libraries are not installed, with the command that installs them."""
         found = []

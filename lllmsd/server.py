@@ -85,6 +85,8 @@ async def serve(
         await listen(runner, config, host, port)
         url = _url(runner)
         log.info("lllmsd serving %d models on %s/v1 (pid %d)", len(config.models), url, os.getpid())
+        for path, message in config.warnings():
+            log.warning("config: %s: %s", path, message)
         _install_signals(stop, hurry, drain, runtime, config_path, notifier)
         notifier.ready(f"serving {len(config.models)} models on {url}")
         await stop.wait()

@@ -65,3 +65,13 @@ def test_gpu_asked_of_a_cpu_only_machine_is_a_warning(tmp_path: Path) -> None:
     assert "warning: models.chat.gpu_layers: gpu_layers -1 asked, but this llama-cpp-python build has no GPU" in output
     assert "make install ACCEL=cuda" in output
     assert "warning: models.stt.device: cuda asked, but CTranslate2 sees no CUDA device here" in output
+
+
+def test_more_slots_than_the_concurrency_cap_is_a_warning(tmp_path: Path) -> None:
+    chat = {"task": "text-completion", "engine": "llama-cpp", "location": str(model_path("smollm2")), "slots": 4}
+    code, output = check(tmp_path, {"concurrency": 2, "models": {"chat": chat}})
+    assert code == 0, output
+    assert "warning: models.chat.slots: 4 slots, but the daemon's concurrency is 2" in output
+    code, output = check(tmp_path, {"concurrency": 4, "models": {"chat": chat}})
+    assert code == 0, output
+    assert "warning" not in output
