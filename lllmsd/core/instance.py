@@ -104,7 +104,7 @@ class ModelInstance:
         self.created_wall = clock.wall()
         self.last_used = self.created_at
         self.requests_served = 0
-        self.slots = int(getattr(config, "slots", 1) or 1)  # requests it serves at once
+        self.slots: int = getattr(config, "slots", 1)  # requests it serves at once (llama-cpp and fake configs)
         self.active = 0  # requests it is serving now
         # the client session (X-Session-Id) of the request it served last, if it sent one: the conversation
         # its context holds, for the pool's session affinity

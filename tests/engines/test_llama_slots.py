@@ -74,11 +74,11 @@ async def answer(instance: ModelInstance, job: ChatJob) -> tuple[str, Usage]:
 async def test_answers_at_once_are_the_answers_alone_and_share_rounds(in_thread: ModelInstance) -> None:
     engine = engine_of(in_thread)
     alone = [(await answer(in_thread, greedy(p)))[0] for p in PROMPTS]
-    rounds_before = engine._rounds.rounds_run
+    rounds_before = engine._slots.rounds.rounds_run
     together = await asyncio.gather(*(answer(in_thread, greedy(p)) for p in PROMPTS))
     assert [text for text, _ in together] == alone
     steps = sum(usage.completion_tokens for _, usage in together)  # one step per token after the first
-    assert engine._rounds.rounds_run - rounds_before < steps  # several sequences went into one decode
+    assert engine._slots.rounds.rounds_run - rounds_before < steps  # several sequences went into one decode
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -80,8 +80,8 @@ class Worker:
 
     @property
     def concurrency(self) -> int:
-        """Calls the engine runs at once (1 unless it says otherwise)."""
-        return int(getattr(self.engine, "concurrency", 1) or 1)
+        """Calls the engine runs at once (Engine.concurrency: 1 unless it serves several requests)."""
+        return int(self.engine.concurrency)
 
     def _first_message(self) -> Load:
         message = self.channel.receive()

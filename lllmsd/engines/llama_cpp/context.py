@@ -31,6 +31,11 @@ DECODE_NO_ROOM = 1
 class DecodeFailed(RuntimeError):
     """llama_decode refused a batch; the context holds what it held before it."""
 
+    @classmethod
+    def from_code(cls, code: int) -> DecodeFailed:
+        reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
+        return cls(f"llama_decode failed: {reason}")
+
 
 class Context:
     """The tokens one llama.cpp context holds (sequence 0), and how to add to them."""
@@ -103,15 +108,17 @@ class Context:
     def leave(self) -> None:
         """The job on this context ended (a context of its own waits for nobody: nothing to do)."""
 
-    def _decode(self, batch: llama_cpp.llama_batch, count: int) -> None:
+    def _check_room(self, count: int) -> None:
         if self.held + count > self.size:
             raise DecodeFailed(f"the context of {self.size} tokens is full")
+
+    def _decode(self, batch: llama_cpp.llama_batch, count: int) -> None:
+        self._check_room(count)
         code = llama_cpp.llama_decode(self._ctx, batch)
         if code != 0:
             # The batch was not (wholly) evaluated: forget whatever llama.cpp may have kept of it.
             llama_cpp.llama_memory_seq_rm(self._memory, -1, self.held, -1)
-            reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
-            raise DecodeFailed(f"llama_decode failed: {reason}")
+            raise DecodeFailed.from_code(code)
 
 
 class SequenceContext(Context):
@@ -166,8 +173,7 @@ class SequenceContext(Context):
             return llama_cpp.llama_sampler_sample(sampler, self._ctx, self._index)
 
     def _submit(self, tokens: list[int], sampler: ctypes.c_void_p | None = None) -> Step:
-        if self.held + len(tokens) > self.size:
-            raise DecodeFailed(f"the context of {self.size} tokens is full")
+        self._check_room(len(tokens))
         step = self._rounds.submit(self.seq, tokens, self.held, sampler)
         self._index = step.index
         self._held[self.held : self.held + len(tokens)] = tokens
@@ -202,8 +208,7 @@ class SharedBatch:
         if code != 0:
             for step in steps:  # forget whatever llama.cpp may have kept of the round
                 llama_cpp.llama_memory_seq_rm(self._memory, step.seq, step.position, -1)
-            reason = "no room in the KV cache" if code == DECODE_NO_ROOM else f"code {code}"
-            raise DecodeFailed(f"llama_decode failed: {reason}")
+            raise DecodeFailed.from_code(code)
         # The first read of a round's logits puts llama.cpp's output rows back in batch order (it reorders
         # them lazily, in place, after a batch it split by sequence): done here, on the decode thread,
         # before anyone is woken, so the members' reads afterwards only read.

@@ -168,8 +168,7 @@ def estimate(shape: GgufShape, config: LlamaCppModelConfig, *, embedding: bool) 
     keys = shape.key_length * CACHE_TYPE_BYTES[config.cache_type_k]
     values = shape.value_length * CACHE_TYPE_BYTES[config.cache_type_v]
     per_token = shape.kv_heads * (keys + values)
-    sequences = 1 if embedding else config.slots  # each slot's sequence has a context of its own
-    kv = int(shape.layers * context * per_token * sequences)
+    kv = int(shape.layers * context * per_token * config.slots)  # each slot's sequence has its own
     activations = FLOAT * ubatch * (3 * shape.feed_forward + 4 * shape.embedding)
     if not config.flash_attention:
         activations += int(SCORE_COPIES * FLOAT * ubatch * shape.heads * context)

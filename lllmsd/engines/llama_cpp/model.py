@@ -46,7 +46,7 @@ def load_llama(
     path = str(files.path)
     context = config.context_size or default_context(path, DEFAULT_EMBEDDING_CONTEXT if embedding else DEFAULT_CONTEXT)
     batch, ubatch = batch_sizes(config, context, embedding=embedding)
-    slots = 1 if embedding else config.slots
+    slots = config.slots  # 1 for embedding and rerank models (LlamaCppModelConfig.problems)
     with capture_load_log() as lines:
         llama = llama_cpp.Llama(
             path,

@@ -34,7 +34,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from lllmsd.core.jobs import Sampling, TokenLogprob, TopLogprob
-from lllmsd.engines.llama_cpp.context import Context, SequenceContext
+from lllmsd.engines.llama_cpp.context import Context
 from lllmsd.errors import InvalidRequest
 
 DEFAULT_TOP_K = 40
@@ -85,7 +85,7 @@ class Decoder:
     the answer. Logits are read in Python only for logprobs."""
 
     def __init__(
-        self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = (), context: SequenceContext | None = None
+        self, llama: llama_cpp.Llama, shown_markers: tuple[str, ...] = (), context: Context | None = None
     ) -> None:
         self._model = llama._model
         self._vocab = llama._model.vocab

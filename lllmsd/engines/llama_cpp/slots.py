@@ -21,12 +21,29 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import llama_cpp
+
+from lllmsd.engines.llama_cpp.context import SequenceContext, SharedBatch
+from lllmsd.engines.llama_cpp.rounds import Rounds
 from lllmsd.engines.llama_cpp.sampling import Decoder
 from lllmsd.errors import EngineError
 
 
 class Slots:
-    def __init__(self, decoders: list[Decoder]) -> None:
+    def __init__(self, llama: llama_cpp.Llama, count: int, shown_markers: tuple[str, ...]) -> None:
+        """``count`` decoders on ``llama``'s context: one on a context of its own, or one per sequence of a
+        context that ``share_context`` (model.py) gave ``count`` sequences, their steps in shared rounds."""
+        self._batch: SharedBatch | None = None
+        self.rounds: Rounds | None = None  # None with one slot
+        if count == 1:
+            decoders = [Decoder(llama, shown_markers)]
+        else:
+            self._batch = SharedBatch(llama, llama.n_batch)
+            self.rounds = Rounds(self._batch.decode, llama.n_batch)
+            size = llama_cpp.llama_n_ctx_seq(llama.ctx)
+            decoders = [
+                Decoder(llama, shown_markers, SequenceContext(llama, seq, size, self.rounds)) for seq in range(count)
+            ]
         self.decoders = tuple(decoders)
         self._free = list(decoders)
         self._lock = threading.Lock()
@@ -37,9 +54,18 @@ class Slots:
     def count(self) -> int:
         return len(self.decoders)
 
+    def close(self) -> None:
+        """Stop the rounds' decode thread and free the shared batch (before the context goes)."""
+        if self.rounds is not None:
+            self.rounds.close()
+            self.rounds = None
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
     @contextlib.contextmanager
     def take(self, prompt: list[int]) -> Iterator[Decoder]:
-        """A free slot for one job: the one holding the longest prefix of ``prompt``."""
+        """A free slot for one job, chosen as the module's docstring says, given back when the job ends."""
         with self._lock:
             if not self._free:  # the pool hands an instance to at most ``slots`` requests
                 raise EngineError(f"all {self.count} slots of this instance are taken")

@@ -27,8 +27,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
-import llama_cpp
-
 from lllmsd.config import LlamaCppModelConfig
 from lllmsd.core.jobs import (
     ChatJob,
@@ -42,7 +40,6 @@ from lllmsd.core.jobs import (
     ToolSpec,
 )
 from lllmsd.engines.base import ModelFiles, TextEngine
-from lllmsd.engines.llama_cpp.context import SequenceContext, SharedBatch
 from lllmsd.engines.llama_cpp.gbnf import gbnf_tokens
 from lllmsd.engines.llama_cpp.generate import ChatText, ToolRun, best_of, generate
 from lllmsd.engines.llama_cpp.grammar import (
@@ -55,8 +52,7 @@ from lllmsd.engines.llama_cpp.grammar import (
 from lllmsd.engines.llama_cpp.model import load_llama, tokenize
 from lllmsd.engines.llama_cpp.prompt import ChatPrompt, chat_format_problems
 from lllmsd.engines.llama_cpp.resources import LlamaResources
-from lllmsd.engines.llama_cpp.rounds import Rounds
-from lllmsd.engines.llama_cpp.sampling import Decoder, Plan
+from lllmsd.engines.llama_cpp.sampling import Plan
 from lllmsd.engines.llama_cpp.slots import Slots
 from lllmsd.engines.llama_cpp.tools.call_grammar import call_grammar
 from lllmsd.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
@@ -87,31 +83,15 @@ class LlamaCppTextEngine(LlamaResources, TextEngine):
         super().__init__(config, files)
         self._llama, self._placement = load_llama(config, files, embedding=False)
         self._prompt = ChatPrompt(self._llama, config.chat_format, config.tool_format)
-        self._shared_batch: SharedBatch | None = None
-        self._rounds: Rounds | None = None
-        self._slots = Slots(self._decoders(config.slots))
+        self._slots = Slots(self._llama, config.slots, self._prompt.tools.shown_markers)
         self._decoder = self._slots.decoders[0]  # for what does not touch the context (vocabulary checks)
         self.context_size = self._decoder.context_size
         self.concurrency = config.slots  # calls the worker may run at once (each on a slot of its own)
         self._placement["slots"] = config.slots
 
-    def _decoders(self, slots: int) -> list[Decoder]:
-        markers = self._prompt.tools.shown_markers
-        if slots == 1:
-            return [Decoder(self._llama, markers)]
-        batch = self._shared_batch = SharedBatch(self._llama, self._llama.n_batch)
-        rounds = self._rounds = Rounds(batch.decode, self._llama.n_batch)
-        size = llama_cpp.llama_n_ctx_seq(self._llama.ctx)
-        return [Decoder(self._llama, markers, SequenceContext(self._llama, seq, size, rounds)) for seq in range(slots)]
-
     def close(self) -> None:
         llama, self._llama = self._llama, None
-        if self._rounds is not None:
-            self._rounds.close()
-            self._rounds = None
-        if self._shared_batch is not None:
-            self._shared_batch.close()
-            self._shared_batch = None
+        self._slots.close()
         if llama is not None:
             llama.close()
 
