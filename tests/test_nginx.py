@@ -226,12 +226,15 @@ def test_sigterm_to_one_daemon_costs_no_request(cluster: Cluster) -> None:
     assert 200 in {status for path, status in stopping.answers() if path == chats}
     assert {status for path, status in stopping.answers() if path == chats} <= {200, 503}
     assert {status for path, status in staying.answers() if path == chats} == {200}
-    # nginx retried each refused request on the other daemon ("503, 200"); a 502 is nginx's own note of
-    # a connection refused once the daemon had exited, one per "connect() failed" in its error log
+    # nginx retried each refused request on the other daemon: "503, 200" when the daemon refused it while
+    # draining, "502, 200" when the daemon had exited (nginx's own note of a connection refused, one per
+    # "connect() failed" in its error log). Which of the two comes first is timing: requests the stopping
+    # daemon admitted before SIGTERM wait behind the stream and are served, so the clients may send it
+    # nothing new until it is gone. Either way, a request hashed to it after SIGTERM reached the other one.
     entries = [e for e in cluster.nginx.entries() if e["request"].startswith("POST")]
     assert {e["status"] for e in entries} == {200}
-    retried = [e for e in entries if e["upstream_status"] == "503, 200"]
-    assert retried
+    retried = [e for e in entries if e["upstream_status"] in ("503, 200", "502, 200")]
+    assert retried, [e["upstream_status"] for e in entries]
     assert all(e["upstream"] == f"{stopping.address}, {staying.address}" for e in retried)
     refused = sum(e["upstream_status"].split(", ").count("502") for e in entries)
     assert refused == (cluster.nginx.folder / "error.log").read_text().count("connect() failed")
