@@ -15,7 +15,8 @@
 3. ``--clients`` concurrent streaming clients (4, then 8), each with its own prompt: aggregate tokens/s
    and p50 time to first token of lllmsd with four 1-thread instances of the model against llama-server
    with as many parallel slots as clients (``-np``, ``--threads`` threads, continuous batching).
-   Target for 4 streams: aggregate >= 1.2x llama-server's.
+   Target for 4 streams: aggregate >= 1.2x llama-server's. Beside them, the bound: bare ``llama_decode``
+   rounds of as many sequences in-process (what llama.cpp itself does with no server around it).
 4. gpt4all on the same SmolLM2 (its metadata rewritten for gpt4all's older llama.cpp): the gpt4all package
    in-process (``GPT4All.chat_session`` with the ChatML template, ``generate``) vs lllmsd's gpt4all engine
    over HTTP, same prompt, tokens, threads and greedy sampling, non-stream and stream. Ratio lllmsd/(a)
@@ -375,17 +376,62 @@ async def concurrent(session: aiohttp.ClientSession, targets: dict[str, tuple[st
     return {name: (median(aggregate[name]), median(ttfts[name])) for name in targets}
 
 
-def print_concurrent(figures: dict[str, tuple[float, float]], clients: int, args: argparse.Namespace) -> None:
+def decode_bound(threads: int, sequences: int, tokens: int, repeats: int) -> float:
+    """What llama.cpp itself does for ``sequences`` answers at once on ``threads`` threads, in tok/s: the
+    prompt of every sequence in one batch, then ``tokens`` rounds of one ``llama_decode`` evaluating the
+    next token of each (the batching llama-server does), with no sampling, no detokenizing and no server;
+    the median of ``repeats``. Neither server streams faster than this on the machine it ran on."""
+    import llama_cpp
+
+    from lllmsd.engines.llama_cpp.model import share_context
+
+    llama = load_in_process(threads)
+    llama.context_params.n_ctx = CONTEXT * sequences
+    share_context(llama, sequences)  # as llama-server --parallel N: CONTEXT tokens of KV cache per sequence
+    prompt = llama.tokenize(STORY.encode())
+    batch = llama_cpp.llama_batch_init(len(prompt) * sequences, 0, 1)
+    memory = llama_cpp.llama_get_memory(llama.ctx)
+
+    def decode(steps: list[tuple[int, list[int], int]]) -> None:  # (sequence, tokens, first position)
+        batch.n_tokens = 0
+        for seq, step_tokens, position in steps:
+            for offset, token in enumerate(step_tokens):
+                i = batch.n_tokens
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position + offset, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, offset == len(step_tokens) - 1
+                batch.n_tokens += 1
+        if llama_cpp.llama_decode(llama.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    rates = []
+    try:
+        for _ in range(repeats):
+            llama_cpp.llama_memory_clear(memory, True)
+            started = time.perf_counter()
+            decode([(seq, prompt, 0) for seq in range(sequences)])
+            for step in range(tokens):  # the tokens do not matter to the cost: the prompt's last, again
+                decode([(seq, [prompt[-1]], len(prompt) + step) for seq in range(sequences)])
+            rates.append(sequences * tokens / (time.perf_counter() - started))
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama.close()
+    return statistics.median(rates)
+
+
+def print_concurrent(figures: dict[str, tuple[float, float]], bound: float, clients: int,
+                     args: argparse.Namespace) -> None:  # fmt: skip
     print(f"\n3. {clients} concurrent streaming clients, {args.max_tokens} tokens each, "
           f"{args.bursts} bursts (aggregate: median; TTFT: p50 of all requests)")  # fmt: skip
     print(f"{'backend':44} {'aggregate tok/s':>15} {'p50 TTFT':>10}")
     for name, (rate, ttft) in figures.items():
         print(f"{name:44} {rate:15.1f} {ttft * 1000:7.0f} ms")
+    print(f"{f'(bound) bare llama_decode, {clients} sequences':44} {bound:15.1f}")
     (server_rate, server_ttft), *ours = figures.values()
     ours_rate, ours_ttft = max(ours)  # lllmsd's best layout
     target = f"   target >= 1.2: {verdict(ours_rate / server_rate >= 1.2)}" if clients == 4 else ""
     ratio = f"{ours_rate / server_rate:15.2f} {ours_ttft / server_ttft:10.2f}"
     print(f"{'lllmsd (best) / llama-server':44} {ratio}{target}")
+    print(f"{'llama-server / bound, lllmsd (best) / bound':44} {server_rate / bound:15.2f} {ours_rate / bound:10.2f}")
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -406,13 +452,15 @@ async def concurrent_part(args: argparse.Namespace, timeout: aiohttp.ClientTimeo
         aiohttp.ClientSession(timeout=timeout) as session,
     ):
         for clients in (4, 8):
+            # measured alone, before llama-server starts, while lllmsd's instances are idle
+            bound = await asyncio.to_thread(decode_bound, args.threads, clients, args.max_tokens, args.bursts)
             async with llama_server(args.threads, parallel=clients) as server:
                 targets = {
                     f"(b) llama-server, --parallel {clients}": (server, "smollm2"),
                     f"(c) lllmsd, {POOL_INSTANCES} instances of 1 thread": (daemon, "pool"),
                     f"(c) lllmsd, 1 instance, slots {clients}": (daemon, f"slots{clients}"),
                 }
-                print_concurrent(await concurrent(session, targets, clients, args), clients, args)
+                print_concurrent(await concurrent(session, targets, clients, args), bound, clients, args)
                 print(f"   load average {loadavg()}")
 
 
