@@ -8,7 +8,10 @@ For each backend it measures sentences per second for
 and prints (b)/(a) (how close the daemon comes to the engine's best; target >= 0.95) and (b)/(c) (what
 batching buys; raw batch 32 vs batch 1 is ~2.2x on torch and ~1.6x on ONNX on two cores). For (b) it
 also prints the cores used by the clients, the daemon's event loop and the engine's worker process: what
-(a) has to itself and (b) shares.
+(a) has to itself and (b) shares. And, since that share is not free on a machine with few cores:
+  (a') the raw engine again, beside a neighbour that takes as many cores as (b)'s clients and daemon took
+       (two processes spinning in half-millisecond bursts, as request handling comes), and (b)/(a'):
+       how (b) compares with the engine itself when both share the machine alike.
 
 The daemon runs in a child process (create_app on 127.0.0.1, a free port) so the clients' own CPU work is
 not on the daemon's event loop; on a two-core machine they still share the cores, as real clients would.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import statistics
 import sys
@@ -123,6 +127,38 @@ async def _client_rate(port: int, seconds: float, cpu: CpuSplit) -> float:
         return done / elapsed
 
 
+class Neighbour:
+    """Two processes that together take ``cores`` of CPU in bursts of BURST seconds, the grain at which a
+    daemon handles requests, and sleep between them: a stand-in for (b)'s clients and daemon beside (a)."""
+
+    BURST = 0.0005
+
+    def __init__(self, cores: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._processes = [context.Process(target=_spin, args=(self._stop, cores / 2), daemon=True) for _ in range(2)]
+
+    def __enter__(self) -> Neighbour:
+        for process in self._processes:
+            process.start()
+        time.sleep(0.5)  # started and spinning before the measurement
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for process in self._processes:
+            process.join()
+
+
+def _spin(stop: Any, share: float) -> None:
+    period = Neighbour.BURST / max(share, 0.001)
+    while not stop.is_set():
+        started = time.perf_counter()
+        while time.perf_counter() - started < Neighbour.BURST:
+            pass
+        time.sleep(max(period - (time.perf_counter() - started), 0.0))
+
+
 class CpuSplit:
     """Cores used by the clients (this process), the daemon and its worker processes over a measurement:
     where the CPU that the raw engine has to itself goes when it serves over HTTP."""
@@ -174,7 +210,7 @@ def measure(backend: str, seconds: float, rounds: int) -> None:
     raw = RawEngine(backend)
     batching = Daemon(backend)
     single = Daemon(backend, max_batch_size=1, batch_window_ms=0)
-    figures: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    figures: dict[str, list[float]] = {"a": [], "b": [], "c": [], "a'": []}
     splits: list[dict[str, float]] = []
     try:
         # both daemons load their instance as they start: wait for them (a short measurement each), so
@@ -186,12 +222,14 @@ def measure(backend: str, seconds: float, rounds: int) -> None:
             figures["b"].append(batching.rate(seconds))
             splits.append(batching.cpu.cores)
             figures["c"].append(single.rate(seconds))
+            with Neighbour(batching.cpu.cores["clients"] + batching.cpu.cores["daemon"]):
+                figures["a'"].append(raw.rate(seconds))
             print(f"[{backend}] round {round_}: " + "  ".join(f"({k}) {v[-1]:6.1f}" for k, v in figures.items()))
     finally:
         raw.close()
         batching.close()
         single.close()
-    a, b, c = (statistics.median(figures[k]) for k in "abc")
+    a, b, c, shared = (statistics.median(figures[k]) for k in ("a", "b", "c", "a'"))
     print(f"[{backend}] (a) raw engine, batch {RAW_BATCH}:            {a:8.1f} sentences/s")
     print(f"[{backend}] (b) lllmsd, {CLIENTS} clients, batching:    {b:8.1f} sentences/s")
     print(f"[{backend}] (c) lllmsd, {CLIENTS} clients, no batching: {c:8.1f} sentences/s")
@@ -200,6 +238,9 @@ def measure(backend: str, seconds: float, rounds: int) -> None:
     idle = os.cpu_count() or 1
     print(f"[{backend}] (b) cores used, medians: " + "  ".join(f"{k} {v:.2f}" for k, v in split.items())
           + f"  idle {idle - sum(split.values()):.2f} of {idle}", flush=True)  # fmt: skip
+    beside = split["clients"] + split["daemon"]
+    print(f"[{backend}] (a') raw engine beside a {beside:.2f}-core neighbour: {shared:8.1f} sentences/s  "
+          f"(a')/(a) = {shared / a:.2f}   (b)/(a') = {b / shared:.2f}", flush=True)  # fmt: skip
 
 
 def main() -> int:
