@@ -54,8 +54,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         raise in_responses_terms(exc) from None
     retention = Retention(settings.max_age, settings.max_count)
 
-    async with admission.pool.acquire(admission.job.context(), session=request.get(SESSION)) as instance:
-        turn, job, events = await _start_fitting(instance, turn, admission.job, admission.config)
+    session = request.get(SESSION)
+    async with admission.pool.acquire(admission.job.context(), session=session) as instance:
+        turn, job, events = await _start_fitting(instance, turn, admission.job, admission.config, session)
         renderer = ResponseRenderer(body, job, stored=stored, created_at=runtime.clock.wall())
 
         async def save(response: dict[str, Any]) -> None:
@@ -144,13 +145,13 @@ def _limit(text: str) -> int:
 
 
 async def _start_fitting(
-    instance: ModelInstance, turn: ResponseTurn, job: ChatJob, config: Any
+    instance: ModelInstance, turn: ResponseTurn, job: ChatJob, config: Any, session: str | None
 ) -> tuple[ResponseTurn, ChatJob, AsyncIterator[GenerationEvent]]:
     """Start generating; with ``truncation: auto``, drop the oldest conversation messages until the
     prompt fits the context. Pulls the engine's first event, so an error it raises at once (context too
     long) is raised here, before any byte of the answer is sent."""
     while True:
-        events = instance.generate(job)
+        events = instance.generate(job, session)
         try:
             first = await anext(events, None)
         except BaseException as exc:

@@ -103,11 +103,14 @@ async def _generate(
     admission = await request.app[RUNTIME].admit(body.model, kind, body.to_job)
     job = admission.job
     is_chat = isinstance(job, ChatJob)
-    async with admission.pool.acquire(job.context(), session=request.get(SESSION)) as instance:
+    session = request.get(SESSION)
+    async with admission.pool.acquire(job.context(), session=session) as instance:
         identity = ResponseIdentity("chatcmpl" if is_chat else "cmpl", body.model, admission.config.engine, instance.id)
         # Closing the events when this block ends, whatever ends it, stops the engine (within one
         # token) before the instance goes back to the pool.
-        async with contextlib.aclosing(observe_generation(request, body.model, instance.generate(job))) as events:
+        async with contextlib.aclosing(
+            observe_generation(request, body.model, instance.generate(job, session))
+        ) as events:
             if body.stream:
                 if isinstance(job, ChatJob):
                     chunks = chat_chunks(identity, events, job.n, job.logprobs, body.include_usage)

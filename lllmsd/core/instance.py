@@ -7,8 +7,10 @@ does not care which: it sends jobs to the host and tracks what the pool needs to
 Concurrency rules:
 - The pool hands an instance to one request at a time, or to up to ``slots`` at once for a model that
   serves several requests on one instance (llama-cpp's ``slots``: each on a sequence of its own in the
-  engine); ``active`` counts them, and the instance is BUSY while any runs. Its ``context`` is then the
-  last request's, a routing hint only: the engine picks the slot that holds the longest prefix itself.
+  engine); ``active`` counts them, and the instance is BUSY while any runs.
+- ``held`` is what the daemon knows of the conversations the engine holds in its cache, up to ``slots`` of
+  them, for the pool's routing: a hint only (the engine itself picks the slot whose cache shares the
+  longest prefix, and may evict another than the oldest).
 - State changes happen only through this class's methods, on the event loop thread.
 - A consumer that stops reading a stream (client gone, cancellation) closes it, which cancels the
   engine's call: it stops within one token, or its worker is killed after ``cancel_grace`` seconds and
@@ -22,14 +24,13 @@ import enum
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lllmsd.core.clock import Clock
 from lllmsd.core.deadline import Deadline
 from lllmsd.core.hosts import EngineHost, ThreadHost
 from lllmsd.core.jobs import (
-    EMPTY_CONTEXT,
     ChatJob,
     CompletionJob,
     Context,
@@ -54,6 +55,15 @@ from lllmsd.engines.base import Engine, ModelFiles
 from lllmsd.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Held:
+    """One conversation an instance's engine holds in its cache, as far as the daemon knows: the context of
+    its last request, and the client session (X-Session-Id) that came with it, if any."""
+
+    context: Context
+    session: str | None = None
 
 
 class InstanceState(str, enum.Enum):
@@ -98,7 +108,7 @@ class ModelInstance:
         self.clock = clock
         self.id = instance_id
         self.state = InstanceState.LOADING
-        self.context: Context = EMPTY_CONTEXT
+        self.held: list[Held] = []  # at most ``slots``, the most recently used last
         self.cached_tokens = 0
         self.created_at = clock.now()
         self.created_wall = clock.wall()
@@ -106,9 +116,6 @@ class ModelInstance:
         self.requests_served = 0
         self.slots: int = getattr(config, "slots", 1)  # requests it serves at once (llama-cpp and fake configs)
         self.active = 0  # requests it is serving now
-        # the client session (X-Session-Id) of the request it served last, if it sent one: the conversation
-        # its context holds, for the pool's session affinity
-        self.session: str | None = None
         self.error: str | None = None
         # what the engine reports about where it runs (Engine.placement), and the memory the budget holds
         self.placement: dict[str, Any] | None = None
@@ -137,9 +144,9 @@ class ModelInstance:
             self.state = InstanceState.ERROR
             raise
         if preload is not None and preload.messages:
-            self.context = Context.of_messages(preload.messages)
+            self.hold(Context.of_messages(preload.messages))
         elif preload is not None and preload.prefix:
-            self.context = Context.of_text(preload.prefix)
+            self.hold(Context.of_text(preload.prefix))
         self.cached_tokens = cached
         await self.describe()  # before it is IDLE: nothing else can be running on it yet
         self.state = InstanceState.IDLE
@@ -173,11 +180,10 @@ class ModelInstance:
             return True
         return self.state is InstanceState.BUSY and self.active < self.slots
 
-    def reserve(self, session: str | None = None) -> None:
+    def reserve(self) -> None:
         assert self.has_free_slot, (self.state, self.active)
         self.state = InstanceState.BUSY
         self.active += 1
-        self.session = session
 
     def release(self) -> None:
         """One request ended: back to IDLE once none runs, unless the engine failed (ERROR) or it was
@@ -197,9 +203,52 @@ class ModelInstance:
         if self.state is InstanceState.BUSY and self.active == 0:
             self.state = InstanceState.IDLE
 
-    def reset_context(self) -> None:
-        """Forget the routing hint (the LRU instance taken for another conversation)."""
-        self.context = EMPTY_CONTEXT
+    # ------------------------------------------------------------------------------ held conversations
+
+    @property
+    def session(self) -> str | None:
+        """The client session of the conversation it served last, if that request sent one."""
+        return self.held[-1].session if self.held else None
+
+    def holds_session(self, session: str) -> bool:
+        return any(held.session == session for held in self.held)
+
+    def match_length(self, wanted: Context, *, whole: bool = False) -> int:
+        """The longest prefix ``wanted`` shares with a conversation held here; with ``whole``, only
+        conversations that ``wanted`` continues to their end count (another conversation is not taken)."""
+        lengths = (
+            length
+            for held in self.held
+            if (length := held.context.match_length(wanted)) == len(held.context) or not whole
+        )
+        return max(lengths, default=0)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether it can take a new conversation without pushing out one it holds."""
+        return sum(1 for held in self.held if not held.context.empty) < self.slots
+
+    def hold(self, context: Context, session: str | None = None) -> Held:
+        """Note that a request's conversation is in the engine's cache now: as the conversation of its
+        session, or the one it continues, if held, else as a new one, pushing out the least recently used
+        beyond ``slots``. Returns its entry, which the request updates when it ends."""
+        for held in self.held:
+            continues = not held.context.empty and held.context.match_length(context) == len(held.context)
+            if (session is not None and held.session == session) or continues:
+                self.held.remove(held)
+                break
+        else:
+            held = Held(context)
+        held.context = context
+        held.session = session if session is not None else held.session
+        self.held.append(held)
+        del self.held[: -self.slots]
+        return held
+
+    def forget_oldest(self) -> None:
+        """Drop the least recently used conversation (the pool gives its slot to another one)."""
+        if self.held:
+            del self.held[0]
 
     def mark_failed(self, exc: BaseException) -> None:
         self.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
@@ -208,8 +257,10 @@ class ModelInstance:
 
     # ------------------------------------------------------------------------------------------ work
 
-    async def generate(self, job: ChatJob | CompletionJob) -> AsyncIterator[GenerationEvent]:
-        """Run chat or completion; yields events; updates the cached context when it completes."""
+    async def generate(
+        self, job: ChatJob | CompletionJob, session: str | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        """Run chat or completion; yields events; updates the held conversation when it completes."""
         method = "chat" if isinstance(job, ChatJob) else "complete"
         budget = self._budget()
         # the engine ends generation itself at the deadline ("length"); the host steps in only if it cannot
@@ -217,7 +268,7 @@ class ModelInstance:
         first_choice: list[str] = []
         tool_seen = False
         usage: Usage | None = None
-        self.context = job.context()  # whatever happens next, the prompt was evaluated
+        held = self.hold(job.context(), session)  # whatever happens next, the prompt was evaluated
         async with contextlib.aclosing(self._stream(method, job, budget.later(self.config.cancel_grace))) as events:
             async for event in events:
                 if isinstance(event, TextDelta) and event.choice == 0:
@@ -230,7 +281,7 @@ class ModelInstance:
         if usage is not None:
             self.cached_tokens = usage.prompt_tokens + usage.completion_tokens
         if not tool_seen and getattr(job, "n", 1) == 1 and not getattr(job, "echo", False):
-            self.context = context_after(job, "".join(first_choice))
+            held.context = context_after(job, "".join(first_choice))
 
     async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
         try:

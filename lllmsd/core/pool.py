@@ -5,21 +5,22 @@ model's requests go through ``pool.embed(job)``: the pool's batcher merges them 
 its queue is the pool's, in ``waiting`` and ``GET /``; rerank requests go through ``pool.rerank(job)``).
 A request is handed an instance and a global concurrency slot together (core/limit.py). The choice,
 for the request at the head of the queue, is, in order:
-  0. with a session key (the X-Session-Id header), the idle instance whose last request came from that
-     session: it holds the conversation even when the history was cut or edited and no longer shares a
-     prefix (an instance that served another request since holds that one instead, and is not preferred);
-  1. the idle instance whose cached context shares the longest prefix with the request's. With a session
-     key, only an instance whose whole context the request continues: sessions often share a system
-     prompt, and that prefix alone must not make a session evict another conversation that is still going
-     on (the least recently used one goes first, in step 4);
-  2. an idle instance with no conversation of its own (fresh, or reset);
+  0. with a session key (the X-Session-Id header), the idle instance that holds that session's
+     conversation (``ModelInstance.held``): it holds it even when the history was cut or edited and no
+     longer shares a prefix (an instance whose cache that conversation has left, for another one, does not);
+  1. the idle instance holding the conversation that shares the longest prefix with the request's. With a
+     session key, only a conversation that the request continues to its end: sessions often share a
+     system prompt, and that prefix alone must not make a session evict another conversation that is still
+     going on (the least recently used one goes first, in step 4);
+  2. an idle instance with room for another conversation (fresh, or holding fewer than its slots);
   3. a new instance, if fewer than ``max_instances`` exist (the request waits for it to load);
-  4. the least recently used idle instance, its context reset;
+  4. the least recently used idle instance, where its least recently used conversation makes room;
   5. otherwise, wait.
 A model whose instances serve several requests at once (llama-cpp's ``slots``) hands out an instance
-while it has a free slot: steps 0-2 consider busy instances with a free slot as well as idle ones, and
-before step 3 a busy instance with a free slot (the one serving fewest) is shared rather than a new one
-loaded: filling the slots of a loaded instance costs nothing, a load costs seconds.
+while it has a free slot: steps 0-2 consider busy instances with a free slot as well as idle ones (in
+step 2 an idle one first), and before step 3 a busy instance with a free slot (the one serving fewest) is
+shared rather than a new one loaded: filling the slots of a loaded instance costs nothing, a load costs
+seconds. Such an instance holds up to ``slots`` conversations, one per slot, and steps 0 and 1 look at all.
 Waiters are served strictly first in, first out. Instances idle for ``ttl`` seconds are disposed (never
 below ``min_instances``) and waiters past ``queue_timeout`` are failed, both by ``reap()``, which the
 runtime calls periodically and tests call after moving an injected clock. After a failed load the pool
@@ -90,7 +91,7 @@ class _Waiter:
     context: Context
     enqueued_at: float
     counted: bool = True  # False for the batcher's own acquires: its queued requests are counted instead
-    session: str | None = None  # the client's session key: prefer the instance whose last request was its
+    session: str | None = None  # the client's session key: prefer the instance that holds its conversation
     future: asyncio.Future[ModelInstance] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -334,7 +335,7 @@ class ModelPool:
                 break
             self._waiters.popleft()
             self._limiter.take()
-            instance.reserve(waiter.session)
+            instance.reserve()
             waiter.future.set_result(instance)
         waiters = sum(1 for w in self._waiters if not w.future.done())
         coming = sum(i.slots for i in self.instances if i.state is InstanceState.LOADING)
@@ -350,24 +351,23 @@ class ModelPool:
         idle = list(self._available())  # idle, or (slots) busy with a free slot
         if not idle:
             return None
-        if session is not None and (own := next((i for i in idle if i.session == session), None)):
+        if session is not None and (own := next((i for i in idle if i.holds_session(session)), None)):
             return own
-        matches = [(i.context.match_length(wanted), i) for i in idle]
-        if session is not None:  # keep other conversations: only an instance whose whole context this continues
-            matches = [(length, i) for length, i in matches if length == len(i.context)]
+        # with a session, keep other conversations: only one that this continues to its end counts
+        matches = [(i.match_length(wanted, whole=session is not None), i) for i in idle]
         length, best = max(matches, key=lambda match: match[0], default=(0, None))
         if length > 0 and best is not None:
             return best
         fresh = [i for i in idle if _is_fresh(i)]
-        if fresh:
-            return fresh[0]
+        if fresh:  # the least busy: an idle instance before a free slot of a busy one
+            return min(fresh, key=lambda i: i.active)
         shared = [i for i in idle if i.state is InstanceState.BUSY]
         if shared:
             return min(shared, key=lambda i: i.active)
         if self._can_grow() and self._room_for_another():
             return None
         lru = min(idle, key=lambda i: i.last_used)
-        lru.reset_context()
+        lru.forget_oldest()
         return lru
 
     def _idle(self) -> Iterator[ModelInstance]:
@@ -558,8 +558,8 @@ class ModelPool:
 
 
 def _is_fresh(instance: ModelInstance) -> bool:
-    """Whether an instance holds no conversation of its own: never used, or its context was reset."""
-    return instance.requests_served == 0 or instance.context.empty
+    """Whether an instance has room for a new conversation: never used, or holding fewer than its slots."""
+    return instance.requests_served == 0 or instance.has_room
 
 
 def _mib(size: int | None) -> str:

@@ -25,8 +25,15 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-async def chat(client: TestClient, messages: list[dict[str, Any]], model: str = "chat", **extra: Any) -> Any:
-    response = await client.post("/v1/chat/completions", json={"model": model, "messages": messages, **extra})
+async def chat(
+    client: TestClient,
+    messages: list[dict[str, Any]],
+    model: str = "chat",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Any:
+    body = {"model": model, "messages": messages, **extra}
+    response = await client.post("/v1/chat/completions", json=body, headers=headers)
     return response.status, await response.json(), response.headers
 
 
@@ -196,6 +203,34 @@ async def test_ttl_zero_keeps_an_instance_while_any_of_its_slots_serves(start_ap
     assert (code, body["choices"][0]["message"]["content"]) == (200, long_text)
     await eventually(lambda: probe.closed == 1)
     assert states(client) == []
+
+
+async def test_a_follow_up_finds_the_slotted_instance_holding_its_conversation(start_app: AppFactory) -> None:
+    # a and b fill both slots of the first instance, c loads the second; the first instance's last request
+    # was b's, yet a's next turn (by its prefix, or by its session) goes back to it
+    clock = ManualClock()
+    client = await start_app(make_config({"chat": fake_model(max_instances=2, slots=2)}), clock=clock)
+    conversations = {
+        name: user(f"{name} conversation about {topic}")
+        for name, topic in zip("abc", ("cats", "rain", "maps"), strict=True)
+    }
+    answers = {}
+    for name, messages in conversations.items():
+        _, answers[name], _ = await chat(client, messages, headers={"X-Session-Id": f"s-{name}"})
+        clock.advance(1)
+    assert instance_of(answers["a"]) == instance_of(answers["b"]) != instance_of(answers["c"])
+    for turn, headers in (("two", {}), ("three", {"X-Session-Id": "s-a"})):
+        messages = follow_up(conversations["a"], answers["a"], f"a {turn}")
+        _, reply, _ = await chat(client, messages, headers=headers)
+        assert instance_of(reply) == instance_of(answers["b"]), turn
+        conversations["a"], answers["a"] = messages, reply
+    # the first instance holds two conversations, the second one: a new one takes the second's free slot
+    # rather than push b out of the first
+    _, d, _ = await chat(client, user("d conversation about tea"))
+    assert instance_of(d) == instance_of(answers["c"])
+    messages = follow_up(conversations["b"], answers["b"], "b two")
+    _, reply, _ = await chat(client, messages)
+    assert instance_of(reply) == instance_of(answers["b"])
 
 
 # -------------------------------------------------------------------------------------- waiting
