@@ -14,13 +14,18 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import llama_cpp
+import numpy as np
 import pytest
 import pytest_asyncio
 
 from lllmsd.core.instance import ModelInstance
 from lllmsd.core.jobs import ChatJob, ChatMessage, Sampling, TextDelta, Usage, collect_generation
 from lllmsd.engines.base import ModelFiles
+from lllmsd.engines.llama_cpp.context import SharedBatch
 from lllmsd.engines.llama_cpp.memory import gguf_estimate
+from lllmsd.engines.llama_cpp.model import share_context
+from lllmsd.engines.llama_cpp.rounds import Step
 from tests.engines.conftest import engine_of, load_instance, model_config
 from tests.setup_models import model_path
 
@@ -134,3 +139,39 @@ async def test_each_slot_has_the_context_size_and_the_estimate_counts_every_slot
     assert (placement["context_size"], placement["slots"], in_thread.host.context_size) == (1024, 3, 1024)
     assert estimate.kv_cache == 3 * one_slot.kv_cache
     assert placement["buffers"]["CPU KV"] == pytest.approx(estimate.kv_cache, rel=0.01)  # what llama.cpp allocated
+
+
+def test_a_round_is_laid_out_in_ascending_sequence_order() -> None:
+    """With a KV cache per sequence, llama.cpp evaluates a batch in sub-batches of consecutive sequence ids
+    taken in the order they come: a round whose steps arrived as [2, 0, 1] must be laid out as [0, 1, 2] to
+    cost one graph evaluation, not two. Each step's logits are still its own sequence's."""
+    llama = llama_cpp.Llama(str(model_path("smollm2")), n_ctx=3 * 256, n_threads=1, verbose=False)
+    share_context(llama, 3)
+    shared = SharedBatch(llama, 64)
+    try:
+        prompts = {seq: llama.tokenize(f"Sequence {seq} says hello.".encode()) for seq in (2, 0, 1)}
+        steps = [Step(seq, tokens, 0) for seq, tokens in prompts.items()]
+        shared.decode(steps)
+        batch = shared._batch
+        laid_out = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+        assert laid_out == sorted(laid_out)
+        for step in steps:
+            assert batch.seq_id[step.index][0] == step.seq
+        # the logits each step reads are those of its own prompt, evaluated alone
+        rows = {
+            step.seq: np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(llama.ctx, step.index), (llama.n_vocab(),)
+            ).copy()
+            for step in steps
+        }
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llama.ctx), True)
+        for seq, tokens in prompts.items():
+            alone = Step(seq, tokens, 0)
+            shared.decode([alone])
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, alone.index), (llama.n_vocab(),))
+            assert np.allclose(row, rows[seq], atol=0.05), (seq, float(np.abs(row - rows[seq]).max()))
+            others = [other for other in rows if other != seq]
+            assert not any(np.allclose(row, rows[other], atol=0.05) for other in others)
+    finally:
+        shared.close()
+        llama.close()
