@@ -680,8 +680,8 @@ class DaemonConfig(_Section):
         pattern=r"^[A-Za-z0-9-]{1,64}$",
         description="Request header that names a client's conversation. lllmsd echoes it on the response and "
         "sends the session's next turn to the instance that holds the conversation in its cache (the one that "
-        "served its last turn, unless another conversation has pushed it out since); a balancer in front of several daemons hashes on the same header "
-        "(docs/scale-out.md).",
+        "served its last turn, unless another conversation has pushed it out since); a balancer in front of "
+        "several daemons hashes on the same header (docs/scale-out.md).",
     )
     memory_budget: int | str | None = Field(
         None,
