@@ -7,8 +7,10 @@ the text contract suite's llama-cpp-slots subject and tests/engines/test_llama_s
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -148,3 +150,80 @@ def test_closing_fails_the_steps_still_waiting(recorder: Recorder) -> None:
     assert isinstance(result[0], RuntimeError)
     with pytest.raises(RuntimeError, match="closed"):
         rounds.submit(2, [3], 0)
+
+
+# ------------------------------------------------------------------------------------------ running ahead
+
+
+class GatedRecorder(Recorder):
+    """Each decode waits for the test to allow it: the test decides what the member has done by then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed = threading.Semaphore(0)
+
+    def __call__(self, steps: list[Step]) -> None:
+        assert self.allowed.acquire(timeout=WAIT)
+        super().__call__(steps)
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Wait for another thread to get somewhere (polls; fails after WAIT)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def counting_sampler(start: int) -> Callable[[Step], int]:
+    tokens = itertools.count(start)
+    return lambda step: next(tokens)
+
+
+def test_the_decode_thread_starts_the_next_steps_of_a_member_that_waits() -> None:
+    recorder = GatedRecorder()
+    rounds = Rounds(recorder, batch_size=8)
+    try:
+        taken: list[Step] = []
+
+        def member() -> None:
+            step = rounds.submit(0, [1, 2], 0, counting_sampler(100), ahead=2)
+            taken.append(step)
+            while step.follow is not None:  # what the decode thread started: the member submits nothing
+                step = rounds.wait(step.follow)
+                taken.append(step)
+
+        thread, result = in_thread(member)
+        recorder.allowed.release()  # the first decode: the step submitted, which its member waits for
+        for decodes in (1, 2):  # each next one once the member waits for the step started for it
+            until(lambda: len(taken) == decodes)  # noqa: B023 - called before the loop moves on
+            until(lambda: taken[-1].follow is not None and taken[-1].follow.awaited)
+            recorder.allowed.release()
+        thread.join(WAIT)
+        assert result == [None]  # no error
+        # each step evaluates the token the one before sampled, at the next position; `ahead` ran out at 2
+        assert recorder.batches == [[(0, (1, 2), 0)], [(0, (100,), 2)], [(0, (101,), 3)]]
+        assert [step.sampled for step in taken] == [100, 101, 102]
+        assert taken[-1].follow is None
+    finally:
+        recorder.allowed.release(8)
+        rounds.close()
+
+
+def test_no_step_is_started_after_an_end_token(recorder: Recorder) -> None:
+    rounds = Rounds(recorder, batch_size=8, is_end=lambda token: token == 100)
+    try:
+        step = rounds.submit(0, [1], 0, counting_sampler(100), ahead=5)
+        assert (step.sampled, step.follow) == (100, None)
+        assert rounds.submit(0, [2], 1, counting_sampler(200), ahead=5).follow is not None
+    finally:
+        rounds.close()
+
+
+def test_a_member_is_never_more_than_one_step_behind(rounds: Rounds, recorder: Recorder) -> None:
+    step = rounds.submit(0, [1], 0, counting_sampler(100), ahead=5)
+    assert step.follow is not None
+    assert step.follow.done.wait(WAIT)  # it ran while the member did not wait for it
+    assert step.follow.follow is None  # so nothing was started after it: the member catches up first
+    assert recorder.batches == [[(0, (1,), 0)], [(0, (100,), 1)]]
+    assert rounds.submit(0, [101], 2).index == 0  # and the member goes on by submitting

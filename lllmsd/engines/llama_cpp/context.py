@@ -95,6 +95,15 @@ class Context:
         self.step(token)
         return self.sample(sampler)
 
+    def next_sampled(self, token: int, sampler: ctypes.c_void_p, ahead: int) -> int:
+        """``step_and_sample``, where up to ``ahead`` further tokens will be asked for the same way, without
+        reading logits in between: a context that can evaluate them ahead may (a sequence of a shared one:
+        rounds.py). A context of its own evaluates on the caller's thread, one step per call."""
+        return self.step_and_sample(token, sampler)
+
+    def settle(self) -> None:
+        """The caller asks for no more tokens: wait for any step evaluated ahead (none here)."""
+
     def logits(self, n_vocab: int) -> np.ndarray:
         """The last evaluated position's logits (a view into llama.cpp's buffer, valid until the next
         decode)."""
@@ -136,8 +145,14 @@ class SequenceContext(Context):
         self._held = np.zeros(self.size, dtype=np.intc)
         self.held = 0
         self._index = -1  # where this sequence's last logits are in its last round's output
+        self._last: Step | None = None  # the last step whose result was taken: its ``follow`` comes next
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        self.settle()
+        return super().common_prefix(tokens)
 
     def truncate(self, keep: int) -> None:
+        self.settle()
         if keep >= self.held:
             return
         if not llama_cpp.llama_memory_seq_rm(self._memory, self.seq, keep, -1):
@@ -146,6 +161,7 @@ class SequenceContext(Context):
         self.held = keep
 
     def feed(self, tokens: list[int], cancel: threading.Event | None) -> bool:
+        self.settle()
         for start in range(0, len(tokens), self.batch_size):
             if cancel is not None and cancel.is_set():
                 return False
@@ -159,8 +175,29 @@ class SequenceContext(Context):
         # sampled by the decode thread as soon as the round is evaluated (rounds.py)
         return self._submit([token], sampler).sampled
 
+    def next_sampled(self, token: int, sampler: ctypes.c_void_p, ahead: int) -> int:
+        follow = self._last.follow if self._last is not None else None
+        if follow is None:  # nothing started ahead: submit it, letting the decode thread run ahead after it
+            room = self.size - self.held - 1
+            return self._submit([token], sampler, max(0, min(ahead, room))).sampled
+        self._last = None
+        self._took(self._rounds.wait(follow))  # evaluates ``token``: the decode thread sampled it last
+        return follow.sampled
+
+    def settle(self) -> None:
+        """Wait for a step the decode thread started ahead that nobody will take (the answer ended); its
+        token is the answer's and stays held. Raises nothing: nobody asked for that step."""
+        follow = self._last.follow if self._last is not None else None
+        self._last = None
+        if follow is not None:
+            follow.done.wait()  # not awaited: the decode thread starts nothing after it
+            if follow.error is None:  # a failed decode forgot it: held stays as it was
+                self._took(follow)
+                self._last = None
+
     def leave(self) -> None:
         """The request on this sequence ended: rounds no longer wait for it."""
+        self.settle()
         self._rounds.leave(self.seq)
 
     def logits(self, n_vocab: int) -> np.ndarray:
@@ -172,12 +209,17 @@ class SequenceContext(Context):
         with self._rounds.sampling:  # another member may be sampling after its own prompt
             return llama_cpp.llama_sampler_sample(sampler, self._ctx, self._index)
 
-    def _submit(self, tokens: list[int], sampler: ctypes.c_void_p | None = None) -> Step:
+    def _submit(self, tokens: list[int], sampler: ctypes.c_void_p | None = None, ahead: int = 0) -> Step:
+        self.settle()
         self._check_room(len(tokens))
-        step = self._rounds.submit(self.seq, tokens, self.held, sampler)
+        return self._took(self._rounds.submit(self.seq, tokens, self.held, sampler, ahead))
+
+    def _took(self, step: Step) -> Step:
+        """Count a step's tokens as held; its logits are the last ones."""
         self._index = step.index
-        self._held[self.held : self.held + len(tokens)] = tokens
-        self.held += len(tokens)
+        self._held[self.held : self.held + len(step.tokens)] = step.tokens
+        self.held += len(step.tokens)
+        self._last = step
         return step
 
 

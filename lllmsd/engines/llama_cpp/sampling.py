@@ -143,15 +143,21 @@ class Decoder:
         out_of_time = plan.sampling.out_of_time
         want_logprobs = plan.top_logprobs is not None or score
         pieces, ends = self._pieces, self._ends
+        budget = self._budget(plan, prompt)
+        ahead = 0 if want_logprobs else budget  # the steps between two logits reads (context.py)
         try:
             token = -1
-            for position in range(self._budget(plan, prompt)):
+            for position in range(budget):
                 if cancel.is_set():
                     return
                 if out_of_time():
                     break  # the request's time budget is spent: it ends like max_tokens ("length")
-                # a sampled token is evaluated only now: one nobody asks to continue stays unevaluated
-                token = context.step_and_sample(token, sampler) if position else context.sample(sampler)
+                # the token sampled last is evaluated now (or was, ahead: next_sampled)
+                token = (
+                    context.next_sampled(token, sampler, ahead and budget - position - 1)
+                    if position
+                    else context.sample(sampler)
+                )
                 end = ends.get(token)
                 if end is None:
                     end = ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -169,6 +175,7 @@ class Decoder:
                 yield piece, (logprob if plan.top_logprobs is not None else None)
             outcome.finish = "length"
         finally:
+            context.settle()  # before the chain goes: a step evaluated ahead samples with it
             chain.close()
 
     def _piece(self, token: int) -> bytes:

@@ -39,7 +39,10 @@ class Slots:
             decoders = [Decoder(llama, shown_markers)]
         else:
             self._batch = SharedBatch(llama, llama.n_batch)
-            self.rounds = Rounds(self._batch.decode, llama.n_batch)
+            vocab = llama._model.vocab
+            self.rounds = Rounds(
+                self._batch.decode, llama.n_batch, lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
+            )
             size = llama_cpp.llama_n_ctx_seq(llama.ctx)
             decoders = [
                 Decoder(llama, shown_markers, SequenceContext(llama, seq, size, self.rounds)) for seq in range(count)
