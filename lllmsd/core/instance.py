@@ -232,13 +232,13 @@ class ModelInstance:
         """Note that a request's conversation is in the engine's cache now: as the conversation of its
         session, or the one it continues, if held, else as a new one, pushing out the least recently used
         beyond ``slots``. Returns its entry, which the request updates when it ends."""
-        for held in self.held:
-            continues = not held.context.empty and held.context.match_length(context) == len(held.context)
-            if (session is not None and held.session == session) or continues:
-                self.held.remove(held)
-                break
-        else:
+        own = (h for h in self.held if session is not None and h.session == session)
+        continued = (h for h in self.held if not h.context.empty and h.context.match_length(context) == len(h.context))
+        held = next(own, None) or next(continued, None)
+        if held is None:
             held = Held(context)
+        else:
+            self.held.remove(held)
         held.context = context
         held.session = session if session is not None else held.session
         self.held.append(held)
