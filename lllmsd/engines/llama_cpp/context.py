@@ -161,7 +161,6 @@ class SequenceContext(Context):
         self.held = keep
 
     def feed(self, tokens: list[int], cancel: threading.Event | None) -> bool:
-        self.settle()
         for start in range(0, len(tokens), self.batch_size):
             if cancel is not None and cancel.is_set():
                 return False
@@ -176,24 +175,25 @@ class SequenceContext(Context):
         return self._submit([token], sampler).sampled
 
     def next_sampled(self, token: int, sampler: ctypes.c_void_p, ahead: int) -> int:
-        follow = self._last.follow if self._last is not None else None
+        follow = self._take_follow()
         if follow is None:  # nothing started ahead: submit it, letting the decode thread run ahead after it
             room = self.size - self.held - 1
             return self._submit([token], sampler, max(0, min(ahead, room))).sampled
-        self._last = None
-        self._took(self._rounds.wait(follow))  # evaluates ``token``: the decode thread sampled it last
-        return follow.sampled
+        return self._took(self._rounds.wait(follow)).sampled  # it evaluates ``token``, sampled last
 
     def settle(self) -> None:
         """Wait for a step the decode thread started ahead that nobody will take (the answer ended); its
         token is the answer's and stays held. Raises nothing: nobody asked for that step."""
-        follow = self._last.follow if self._last is not None else None
-        self._last = None
+        follow = self._take_follow()
         if follow is not None:
             follow.done.wait()  # not awaited: the decode thread starts nothing after it
             if follow.error is None:  # a failed decode forgot it: held stays as it was
                 self._took(follow)
-                self._last = None
+
+    def _take_follow(self) -> Step | None:
+        """The step the decode thread started after the last one taken, if any (it can be taken once)."""
+        last, self._last = self._last, None
+        return last.follow if last is not None else None
 
     def leave(self) -> None:
         """The request on this sequence ended: rounds no longer wait for it."""

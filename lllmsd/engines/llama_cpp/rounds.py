@@ -61,6 +61,13 @@ class Step:
     awaited: bool = False  # its member waits for it (set under the rounds' lock)
     follow: Step | None = None  # the step the decode thread started after it, evaluating ``sampled``
 
+    def result(self) -> Step:
+        """This step once its round ran; raises what the round's decode raised."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self
+
 
 # evaluates the steps as one batch; sets each step's index, and samples the steps that carry a sampler
 DecodeRound = Callable[[list[Step]], None]
@@ -102,17 +109,14 @@ class Rounds:
             self._queue.append(step)
             if self._ready():
                 self._work.notify()
-        return self.wait(step)
+        return step.result()
 
     def wait(self, step: Step) -> Step:
         """Wait for the round of ``step`` (a submitted step, or one the decode thread started: ``follow``);
         raises what its decode raised."""
         with self._lock:
             step.awaited = True
-        step.done.wait()
-        if step.error is not None:
-            raise step.error
-        return step
+        return step.result()
 
     def leave(self, seq: int) -> None:
         """``seq`` takes no further part (its request ended); a round that waited only for it runs now."""
