@@ -107,6 +107,8 @@ async def stream_sse(
 
 
 async def _next_or_ping(queue: asyncio.Queue[Any], response: web.StreamResponse, interval: float) -> Any:
+    if not queue.empty():  # a worker frame brings several tokens: those after the first need no timer
+        return queue.get_nowait()
     while True:
         try:
             return await asyncio.wait_for(queue.get(), interval)
