@@ -5,13 +5,23 @@ from __future__ import annotations
 import pytest
 
 from lllmsd.config import ConfigError, parse_config
-from lllmsd.engines.llama_cpp.prompt import chat_format_problems
+from lllmsd.engines.llama_cpp.prompt import _registered_formatter, chat_format_problems
 
 
-@pytest.mark.parametrize("name", [None, "chatml", "llama-3", "chat_template.tool_use", "chat_template.default"])
+@pytest.mark.parametrize(
+    "name", [None, "chatml", "llama-3", "vicuna", "alpaca", "chat_template.tool_use", "chat_template.default"]
+)
 def test_the_gguf_template_and_registered_prompt_formats_are_fine(name: str | None) -> None:
     # chat_template.* names are checked against the GGUF when the model loads: only the file knows them
     assert chat_format_problems(name) == []
+
+
+def test_vicuna_renders_its_documented_turns() -> None:
+    # its formatter is not named format_*: what the handler wraps is found by the wrapper, not the name
+    formatter = _registered_formatter("vicuna")
+    assert callable(formatter)
+    prompt = formatter(messages=[{"role": "user", "content": "Hello"}]).prompt
+    assert prompt.endswith("USER: Hello ASSISTANT:")
 
 
 def test_an_unknown_format_is_a_problem() -> None:

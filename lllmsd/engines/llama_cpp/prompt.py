@@ -158,12 +158,14 @@ def _registered_formatter(name: str) -> Formatter | str:
         handler = llama_chat_format.get_chat_completion_handler(name)
     except Exception:
         return f"{name!r} is not a llama-cpp-python chat format"
-    # register_chat_format wraps a formatter in a handler closure; full handlers (function calling,
-    # llava) drive generation themselves and cannot be used for rendering only.
-    for cell in handler.__closure__ or ():
-        value = cell.cell_contents
-        if callable(value) and getattr(value, "__name__", "").startswith("format_"):
-            return value
+    # register_chat_format wraps a formatter in a handler closure made by
+    # chat_formatter_to_chat_completion_handler (the formatter's own name varies: vicuna's is ``format``);
+    # full handlers (function calling, llava) drive generation themselves and cannot only render a prompt.
+    wrapper = llama_chat_format.chat_formatter_to_chat_completion_handler.__name__
+    if getattr(handler, "__qualname__", "").startswith(f"{wrapper}.<locals>."):
+        for cell in handler.__closure__ or ():
+            if callable(cell.cell_contents):
+                return cell.cell_contents
     return f"{name!r} is a full chat handler, not a prompt format"
 
 
