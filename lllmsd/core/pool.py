@@ -488,7 +488,9 @@ class ModelPool:
             raise
         except Exception as exc:
             self._load_failed(instance, exc, engine_failed=engine_failed)
-            await self._dispose(instance)
+            # freed by a disposal of its own, which close() awaits and never cancels: freed here, a close()
+            # that cancels this load would cut it short (a worker left running, its pipes never closed)
+            self._discard(instance)
             return
         self._load_failures = 0
         self._engine_retry_at = 0.0

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from lllmsd.api.keys import RUNTIME
 from lllmsd.core.clock import ManualClock
+from lllmsd.core.instance import ModelInstance
 from lllmsd.core.runtime import Runtime
 from tests.api.probe import Probe, eventually
 from tests.conftest import AppFactory, fake_model, make_config, sdk
@@ -440,3 +441,38 @@ async def test_shutdown_lets_requests_in_flight_finish_and_disposes_everything(s
     await stopping
     assert probe.closed == probe.created
     assert runtime.pools["chat"].instances == []
+
+
+async def test_a_stop_while_a_failed_load_is_being_freed_lets_the_freeing_finish(
+    start_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed load's instance is freed after its waiters hear the error; a stop that comes meanwhile
+    # cancels the pool's loads, and must not cut that freeing short (a worker's pipes left open, or a
+    # worker left running). The freeing here waits for the test, so the stop surely comes in the middle.
+    client = await start_app(make_config({"chat": fake_model(fail_on_load=True)}))
+    freeing, release = asyncio.Event(), asyncio.Event()
+    freed: list[str] = []
+    cut_short: list[str] = []
+    dispose = ModelInstance.dispose
+
+    async def slow_dispose(self: ModelInstance, grace: float | None = None) -> None:
+        freeing.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cut_short.append(self.id)
+            raise
+        await dispose(self, grace)
+        freed.append(self.id)
+
+    monkeypatch.setattr(ModelInstance, "dispose", slow_dispose)
+    code, body, _ = await chat(client, user("hello"))
+    assert code == 503, body
+    await freeing.wait()
+    stopping = asyncio.ensure_future(runtime_of(client).stop())
+    for _ in range(50):  # the stop runs up to where it cancels the loads (no I/O on the way: a few turns)
+        await asyncio.sleep(0)
+    release.set()
+    await stopping
+    assert cut_short == []
+    assert len(freed) == 1
