@@ -171,6 +171,22 @@ def in_process_call(llama: Any, max_tokens: int, thread: Executor) -> Call:
     return call
 
 
+def decode_steps(llama: Any, batch: Any, steps: list[tuple[int, list[int], int]]) -> None:
+    """One ``llama_decode`` of ``steps`` (sequence, tokens, first position) in ``batch``, logits for each
+    step's last token: the bare loop both bounds time."""
+    import llama_cpp
+
+    batch.n_tokens = 0
+    for seq, step_tokens, position in steps:
+        for offset, token in enumerate(step_tokens):
+            i = batch.n_tokens
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position + offset, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, offset == len(step_tokens) - 1
+            batch.n_tokens += 1
+    if llama_cpp.llama_decode(llama.ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+
+
 class BareDecode:
     """The bound of part 1: llama.cpp alone on a model of its own, in-process, with the same threads. The
     chat prompt is evaluated untimed (every contender has it cached); then each token is one
@@ -186,22 +202,13 @@ class BareDecode:
         self.batch = llama_cpp.llama_batch_init(len(self.prompt), 0, 1)
         self.sampler = llama_cpp.llama_sampler_init_greedy()
 
-    def _decode(self, tokens: list[int], position: int) -> None:
-        batch = self.batch
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
-        if self.llama_cpp.llama_decode(self.llama.ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
     def _run(self) -> Sample:
         lib, ctx = self.llama_cpp, self.llama.ctx
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-        self._decode(self.prompt, 0)
+        decode_steps(self.llama, self.batch, [(0, self.prompt, 0)])
         started = time.perf_counter()
         for position in range(len(self.prompt), len(self.prompt) + self.max_tokens):
-            self._decode([lib.llama_sampler_sample(self.sampler, ctx, -1)], position)
+            decode_steps(self.llama, self.batch, [(0, [lib.llama_sampler_sample(self.sampler, ctx, -1)], position)])
         seconds = time.perf_counter() - started
         return Sample(self.max_tokens, seconds, text=None)
 
@@ -487,25 +494,14 @@ def decode_bound(threads: int, sequences: int, tokens: int, repeats: int) -> flo
     batch = llama_cpp.llama_batch_init(len(prompt) * sequences, 0, 1)
     memory = llama_cpp.llama_get_memory(llama.ctx)
 
-    def decode(steps: list[tuple[int, list[int], int]]) -> None:  # (sequence, tokens, first position)
-        batch.n_tokens = 0
-        for seq, step_tokens, position in steps:
-            for offset, token in enumerate(step_tokens):
-                i = batch.n_tokens
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position + offset, 1
-                batch.seq_id[i][0], batch.logits[i] = seq, offset == len(step_tokens) - 1
-                batch.n_tokens += 1
-        if llama_cpp.llama_decode(llama.ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
     rates = []
     try:
         for _ in range(repeats):
             llama_cpp.llama_memory_clear(memory, True)
             started = time.perf_counter()
-            decode([(seq, prompt, 0) for seq in range(sequences)])
+            decode_steps(llama, batch, [(seq, prompt, 0) for seq in range(sequences)])
             for step in range(tokens):  # the tokens do not matter to the cost: the prompt's last, again
-                decode([(seq, [prompt[-1]], len(prompt) + step) for seq in range(sequences)])
+                decode_steps(llama, batch, [(seq, [prompt[-1]], len(prompt) + step) for seq in range(sequences)])
             rates.append(sequences * tokens / (time.perf_counter() - started))
     finally:
         llama_cpp.llama_batch_free(batch)

@@ -65,6 +65,10 @@ class Held:
     context: Context
     session: str | None = None
 
+    def continued_by(self, wanted: Context) -> bool:
+        """Whether ``wanted`` continues this conversation to its end (not merely shares a prefix with it)."""
+        return not self.context.empty and self.context.match_length(wanted) == len(self.context)
+
 
 class InstanceState(str, enum.Enum):
     LOADING = "loading"
@@ -216,11 +220,7 @@ class ModelInstance:
     def match_length(self, wanted: Context, *, whole: bool = False) -> int:
         """The longest prefix ``wanted`` shares with a conversation held here; with ``whole``, only
         conversations that ``wanted`` continues to their end count (another conversation is not taken)."""
-        lengths = (
-            length
-            for held in self.held
-            if (length := held.context.match_length(wanted)) == len(held.context) or not whole
-        )
+        lengths = (held.context.match_length(wanted) for held in self.held if not whole or held.continued_by(wanted))
         return max(lengths, default=0)
 
     @property
@@ -233,7 +233,7 @@ class ModelInstance:
         session, or the one it continues, if held, else as a new one, pushing out the least recently used
         beyond ``slots``. Returns its entry, which the request updates when it ends."""
         own = (h for h in self.held if session is not None and h.session == session)
-        continued = (h for h in self.held if not h.context.empty and h.context.match_length(context) == len(h.context))
+        continued = (h for h in self.held if h.continued_by(context))
         held = next(own, None) or next(continued, None)
         if held is None:
             held = Held(context)
